@@ -1,0 +1,1 @@
+"""ETL: labelled images -> sharded TFRecords in one of three forms (Apache Beam)."""

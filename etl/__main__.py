@@ -1,0 +1,3 @@
+from etl.pipeline import main
+
+main()

@@ -1,0 +1,165 @@
+"""Labelled inputs: CSV rows or class folders -> (uri, label) rows, malformed rows -> rejects.
+
+Paths go through Beam's FileSystems, so local paths and gs:// work alike.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+import typing
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+# A first line whose fields look like these is a header, not an image.
+_HEADER_PATH_NAMES = {"path", "uri", "url", "image", "image_path", "image_uri", "filename", "file", "gcs_path", "img"}
+_HEADER_LABEL_NAMES = {"label", "class", "category", "class_name", "label_name", "target"}
+
+
+class Row(typing.NamedTuple):
+    uri: str
+    label: str
+    source: str  # the input line, for reject messages
+
+
+def make_reject(uri: str, label: str, reason: str, detail: str, source: str = "") -> dict:
+    """The one shape of a line of rejects.jsonl."""
+    return {"uri": uri, "label": label, "reason": reason, "detail": detail, "source": source}
+
+
+def is_folder_input(path: str) -> bool:
+    """A folder of class sub-folders, rather than a CSV file."""
+    if "://" not in path:
+        return os.path.isdir(path)
+    # Object stores have no folders: an existing object is the CSV, anything else a prefix.
+    return path.endswith("/") or not FileSystems.exists(path)
+
+
+def read_text(path: str) -> str:
+    """A whole (small) text file from any Beam file system; BOM and CRLF tolerated."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read().decode("utf-8-sig")
+
+
+def read_labels_file(path: str) -> list[str]:
+    """One class name per line; blank lines ignored; a repeated name is an error."""
+    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{path}: class {name!r} is listed twice")
+        seen.add(name)
+    if not names:
+        raise ValueError(f"{path}: no class names in the labels file")
+    return names
+
+
+def _parse_fields(line: str) -> list[str] | None:
+    try:
+        return next(csv.reader(io.StringIO(line), skipinitialspace=True), [])
+    except csv.Error:
+        return None
+
+
+def detect_header(csv_path: str) -> list[str] | None:
+    """The first line's fields if it is a header row (`path,label`, `image,class`, ...)."""
+    with FileSystems.open(csv_path, compression_type="uncompressed") as f:
+        first = f.readline().decode("utf-8-sig", errors="replace").strip()
+    fields = _parse_fields(first)
+    if fields and len(fields) >= 2:
+        if fields[0].strip().lower() in _HEADER_PATH_NAMES or fields[-1].strip().lower() in _HEADER_LABEL_NAMES:
+            return [x.strip() for x in fields]
+    return None
+
+
+def resolve_path(path: str, csv_dir: str) -> str:
+    """A relative path in a CSV is relative to the CSV's folder; URIs and absolute paths stay."""
+    if "://" in path or path.startswith("/"):
+        return path
+    if "://" in csv_dir:
+        return csv_dir.rstrip("/") + "/" + path
+    return posixpath.normpath(posixpath.join(csv_dir, path))
+
+
+def parse_csv_line(line: str, csv_dir: str, header: list[str] | None):
+    """One CSV line -> a Row, a reject dict, or nothing (blank line, header)."""
+    line = line.lstrip("\ufeff").rstrip("\r\n")
+    if not line.strip():
+        return
+    fields = _parse_fields(line)
+    if fields is not None and header is not None and [x.strip() for x in fields] == header:
+        return
+    if fields is None or len(fields) != 2:
+        count = "unparseable" if fields is None else f"{len(fields)} fields"
+        yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            "", "", "malformed_row", f"expected 2 fields (path,label), got {count}; quote a path that has a comma",
+            line))
+        return
+    path, label = fields[0].strip(), fields[1].strip()
+    if not path or not label:
+        yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            path, label, "malformed_row", "empty path or label", line))
+        return
+    yield Row(resolve_path(path, csv_dir), label, line)
+
+
+def list_class_folders(root: str) -> list[Row]:
+    """Rows for `root/<class>/<file>`; files beside the class folders (README, dict.txt) and
+    hidden files (.DS_Store) are not inputs."""
+    root = root.rstrip("/")
+    matches = FileSystems.match([root + "/*/*"])[0].metadata_list
+    rows = []
+    for m in matches:
+        relative = m.path[len(root) + 1:]
+        parts = relative.split("/")
+        if len(parts) != 2 or parts[1].startswith(".") or parts[0].startswith("."):
+            continue
+        rows.append(Row(m.path, parts[0], relative))
+    rows.sort()
+    if not rows:
+        raise ValueError(f"{root} has no class sub-folders with files in them (expected {root}/<class>/<image>)")
+    return rows
+
+
+def keep_first_of_duplicates(item):
+    """(uri, rows) -> the first row by input line; the others are rejected as duplicates."""
+    uri, rows = item
+    rows = sorted(rows, key=lambda r: r.source)
+    yield rows[0]
+    for extra in rows[1:]:
+        yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            extra.uri, extra.label, "duplicate",
+            f"the same uri is already an input with label {rows[0].label!r}", extra.source))
+
+
+@beam.ptransform_fn
+def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None):
+    """PBegin -> {'rows': Row, 'rejects': dict, 'num_rows': int}. `rows_csv` (a CSV the driver wrote for a folder
+    input) is read instead of `input_path` when given."""
+    csv_path = rows_csv or input_path
+    header = detect_header(csv_path)
+    csv_dir = posixpath.dirname(csv_path) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    parsed = (pbegin
+              | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True)
+              | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header).with_outputs("rejects", main="rows"))
+    deduplicated = (parsed.rows
+                    | "KeyByUri" >> beam.Map(lambda r: (r.uri, r))
+                    | "GroupByUri" >> beam.GroupByKey()
+                    | "DropDuplicateUris" >> beam.FlatMap(keep_first_of_duplicates).with_outputs("rejects", main="rows"))
+    rejects = (parsed.rejects, deduplicated.rejects) | "MergeRowRejects" >> beam.Flatten()
+    num_rows = ((parsed.rows, parsed.rejects)
+                | "AllParsedRows" >> beam.Flatten()
+                | "CountRows" >> beam.combiners.Count.Globally())
+    return {"rows": deduplicated.rows, "rejects": rejects, "num_rows": num_rows}
+
+
+def write_rows_csv(rows: list[Row], path: str) -> None:
+    """Writes folder-input rows as a CSV (quoted as needed) for the pipeline to read."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for r in rows:
+        writer.writerow([r.uri, r.label])
+    with FileSystems.create(path, mime_type="text/csv", compression_type="uncompressed") as f:
+        f.write(out.getvalue().encode("utf-8"))

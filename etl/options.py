@@ -1,0 +1,93 @@
+"""The ETL's own flags. Unknown flags are Beam's (`--runner`, `--project`, ...) and pass through."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Sequence
+
+from shared import image_check, schema
+
+# The public MobileNetV2 feature vector (1280 floats, 224x224 input). Without network, pass a
+# local copy with --embedding_module; the ETL checks that at start, before reading any input.
+DEFAULT_EMBEDDING_MODULE = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+
+
+@dataclasses.dataclass(frozen=True)
+class EtlConfig:
+    input: str  # CSV of path,label rows, or a folder with one sub-folder per class (local or gs://)
+    output: str  # dataset folder; must be empty or absent unless overwrite
+    form: str = "jpeg"  # jpeg | pixels | embeddings
+    labels: str | None = None  # one class per line; fixes the class order (default: sorted labels)
+    image_size: int = 224  # pixels form: side of the square; embeddings: used if the module has no static size
+    shard_mb: float = 100.0  # target shard size; the book's 10-100 MB sweet spot for reads
+    min_shards: int = 1  # floor per split, so that multi-worker readers each get files
+    split: tuple[float, float, float] = (80.0, 10.0, 10.0)  # train, valid, test weights
+    embedding_module: str = DEFAULT_EMBEDDING_MODULE
+    embedding_batch_size: int = 32  # images per module call
+    max_pixels: int = image_check.DEFAULT_MAX_PIXELS  # refuse from the header above this
+    max_file_mb: float = 64.0  # refuse files larger than this before reading them whole
+    max_reject_fraction: float = 0.5  # fail (publishing nothing) when more of the input is bad
+    jpeg_quality: int = 95  # for inputs that are re-encoded (PNG, GIF, BMP, grayscale or CMYK JPEG)
+    overwrite: bool = False
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1024 * 1024)
+
+
+def _split_weights(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split takes three numbers like 80,10,10, got {text!r}") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+        raise argparse.ArgumentTypeError(f"--split takes three non-negative weights with train > 0, got {text!r}")
+    return parts
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    d = EtlConfig(input="", output="")
+    p = argparse.ArgumentParser(prog="python -m etl", description="Labelled images to sharded TFRecords.",
+                                epilog="Any other flag is passed to Beam, e.g. --runner DataflowRunner --project P.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="CSV of path,label rows, or a folder of class sub-folders")
+    p.add_argument("--output", required=True, help="dataset folder (local or gs://)")
+    p.add_argument("--form", choices=schema.FORMS, default=d.form)
+    p.add_argument("--labels", default=d.labels, help="file with one class name per line (fixes the order)")
+    p.add_argument("--image_size", type=int, default=d.image_size)
+    p.add_argument("--shard_mb", type=float, default=d.shard_mb)
+    p.add_argument("--min_shards", type=int, default=d.min_shards)
+    p.add_argument("--split", type=_split_weights, default=d.split, help="train,valid,test weights")
+    p.add_argument("--embedding_module", default=d.embedding_module, help="TF Hub URL or local SavedModel path")
+    p.add_argument("--embedding_batch_size", type=int, default=d.embedding_batch_size)
+    p.add_argument("--max_pixels", type=int, default=d.max_pixels)
+    p.add_argument("--max_file_mb", type=float, default=d.max_file_mb)
+    p.add_argument("--max_reject_fraction", type=float, default=d.max_reject_fraction)
+    p.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
+    """(the ETL's config, the remaining flags for Beam). Bad values are errors naming the flag."""
+    parser = make_arg_parser()
+    args, beam_args = parser.parse_known_args(list(argv))
+    config = EtlConfig(**vars(args))
+    problems = []
+    if config.image_size < 1:
+        problems.append(f"--image_size must be positive, got {config.image_size}")
+    if config.shard_mb <= 0:
+        problems.append(f"--shard_mb must be positive, got {config.shard_mb}")
+    if config.min_shards < 1:
+        problems.append(f"--min_shards must be at least 1, got {config.min_shards}")
+    if not 0.0 <= config.max_reject_fraction <= 1.0:
+        problems.append(f"--max_reject_fraction must be in [0, 1], got {config.max_reject_fraction}")
+    if config.max_pixels < 1 or config.max_file_mb <= 0:
+        problems.append(f"--max_pixels and --max_file_mb must be positive, got {config.max_pixels}, {config.max_file_mb}")
+    if not 1 <= config.jpeg_quality <= 100:
+        problems.append(f"--jpeg_quality must be in 1..100, got {config.jpeg_quality}")
+    if config.embedding_batch_size < 1:
+        problems.append(f"--embedding_batch_size must be positive, got {config.embedding_batch_size}")
+    if problems:
+        parser.error("; ".join(problems))
+    return config, beam_args

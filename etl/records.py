@@ -1,0 +1,178 @@
+"""One input image -> one record of the chosen form (or a reject with its reason).
+
+`LoadImage` reads and checks the file (size, header, full decode); the form's DoFn turns the
+canonical bytes into the record's payload with the shared preprocessing function.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import typing
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from etl.inputs import Row, make_reject
+from shared import image_check, layout, schema
+from shared.image_check import ImageRejected
+
+
+class Loaded(typing.NamedTuple):
+    row: Row
+    label_index: int
+    split: str
+    example_id: str
+    sort_key: int  # a hash of the uri: decides the order (and so the shard) of the record
+    height: int
+    width: int
+    image_bytes: bytes  # canonical bytes: RGB JPEG for the jpeg form, TF-decodable otherwise
+
+
+class Encoded(typing.NamedTuple):
+    split: str
+    sort_key: int
+    serialized: bytes
+
+
+def split_for(uri: str, weights: tuple[float, float, float]) -> str:
+    """The split of an input, from a hash of its uri: the same on every run, runner and worker count."""
+    fraction = int.from_bytes(hashlib.sha256(("split:" + uri).encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    total = float(sum(weights))
+    bound = 0.0
+    for split, weight in zip(layout.SPLITS, weights):
+        bound += weight / total
+        if fraction < bound:
+            return split
+    return next(s for s, w in reversed(list(zip(layout.SPLITS, weights))) if w > 0)
+
+
+def example_id_for(uri: str) -> str:
+    return hashlib.sha256(("id:" + uri).encode("utf-8")).hexdigest()[:24]
+
+
+def sort_key_for(example_id: str) -> int:
+    return int(example_id[:16], 16)
+
+
+def read_limited(uri: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing (without reading on) a file larger than max_bytes."""
+    try:
+        with FileSystems.open(uri, compression_type="uncompressed") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageRejected("missing_file", "no such file") from None
+    except Exception as e:  # Beam wraps GCS errors; tell a missing object from an unreadable one
+        try:
+            missing = not FileSystems.exists(uri)
+        except Exception:
+            missing = False
+        if missing:
+            raise ImageRejected("missing_file", "no such file") from None
+        raise ImageRejected("read_error", f"{type(e).__name__}: {e}") from None
+    if len(data) > max_bytes:
+        raise ImageRejected("too_large", f"the file is larger than --max_file_mb ({max_bytes / 2**20:g} MB)")
+    return data
+
+
+class LoadImage(beam.DoFn):
+    """Row -> Loaded, or a reject (missing, unreadable, not an image, too large, corrupt, unknown label)."""
+
+    def __init__(self, form: str, split_weights, max_pixels: int, max_bytes: int, jpeg_quality: int):
+        self._form = form
+        self._split_weights = split_weights
+        self._max_pixels = max_pixels
+        self._max_bytes = max_bytes
+        self._jpeg_quality = jpeg_quality
+
+    def process(self, row: Row, class_index: dict):
+        try:
+            if row.label not in class_index:
+                raise ImageRejected("unknown_label", f"label {row.label!r} is not in the labels file "
+                                                     f"({len(class_index)} classes)")
+            data = read_limited(row.uri, self._max_bytes)
+            header = image_check.read_header(data, self._max_pixels)
+            image_check.verify_decodes(data, header)
+            canonical = self._canonical_bytes(data, header)
+        except ImageRejected as e:
+            yield beam.pvalue.TaggedOutput("rejects", make_reject(row.uri, row.label, e.reason, e.detail, row.source))
+            return
+        example_id = example_id_for(row.uri)
+        yield Loaded(row, class_index[row.label], split_for(row.uri, self._split_weights), example_id,
+                     sort_key_for(example_id), header.height, header.width, canonical)
+
+    def _canonical_bytes(self, data: bytes, header: image_check.ImageHeader) -> bytes:
+        try:
+            if self._form == "jpeg":
+                # An RGB JPEG keeps its bytes; anything else becomes one, so every reader decodes alike.
+                if header.format == "JPEG" and header.mode == "RGB":
+                    return data
+                return image_check.to_rgb_image_bytes(data, "JPEG", self._jpeg_quality)
+            if header.format in image_check.TF_DECODABLE_FORMATS:
+                return data  # TF decodes it as the trainer and the server will
+            return image_check.to_rgb_image_bytes(data, "PNG")  # TIFF, WebP...: lossless into a TF format
+        except Exception as e:
+            raise ImageRejected("corrupt", f"cannot convert {header.format} {header.mode} to RGB: "
+                                           f"{type(e).__name__}: {e}") from None
+
+
+def record_values(item: Loaded) -> dict:
+    """The non-payload fields of a record."""
+    return {"label": item.label_index, "label_name": item.row.label, "uri": item.row.uri,
+            "example_id": item.example_id, "height": item.height, "width": item.width}
+
+
+class EncodeJpeg(beam.DoFn):
+    def __init__(self, features):
+        self._features = features
+
+    def process(self, item: Loaded):
+        values = record_values(item) | {"image": item.image_bytes}
+        yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))
+
+
+class EncodeTensor(beam.DoFn):
+    """A batch of Loaded -> Encoded, through a batched TF function (pixels, or the embedding module).
+
+    Batches amortise TF's per-call cost (~1 ms); an image that TF cannot decode although PIL
+    could is retried alone and rejected, so one bad file never fails its batch.
+    """
+
+    def __init__(self, features, make_batch_fn):
+        self._features = features
+        self._make_batch_fn = make_batch_fn  # called once per worker, in setup()
+        self._fn = None
+
+    def setup(self):
+        self._fn = self._make_batch_fn()
+
+    def process(self, batch: list[Loaded]):
+        try:
+            outputs = self._fn([item.image_bytes for item in batch])
+        except Exception:  # find the culprit(s) one by one
+            outputs = None
+        payload = schema.payload_feature(self._features)
+        for i, item in enumerate(batch):
+            try:
+                value = outputs[i] if outputs is not None else self._fn([item.image_bytes])[0]
+            except Exception as e:
+                logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
+                yield beam.pvalue.TaggedOutput("rejects", make_reject(
+                    item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}",
+                    item.row.source))
+                continue
+            values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
+            yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))
+
+
+def make_pixels_fn(image_size: int):
+    """A function: list of encoded images -> float32 [n, size, size, 3] (the shared preprocessing)."""
+    import tensorflow as tf
+
+    from shared import preprocess
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def batch_fn(image_bytes):
+        return preprocess.preprocess_batch(image_bytes, image_size)
+
+    return lambda images: batch_fn(tf.constant(images)).numpy()

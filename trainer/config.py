@@ -1,0 +1,109 @@
+"""The trainer's flags: flat, documented defaults, typed, printed and saved into the run folder.
+
+Flag names follow the book's trainer (underscores; `--job-dir` too) so that hyperparameter
+services (Vertex AI) can pass them unchanged; booleans take `true`/`false` values as they pass them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+MODELS = ("linear", "dnn", "mobilenet")
+DEFAULT_HUB_HANDLE = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str  # ETL output folder (holds metadata.json)
+    job_dir: str  # one folder per run: config, checkpoints, backup, logs, export
+    strategy: str = "auto"  # auto: TPU if one resolves, else mirrored over GPUs, else one device
+    model: str = "dnn"  # ignored for the embeddings form, which always gets a dense head
+    batch_size: int = 32  # global batch size, split across replicas
+    num_epochs: int = 20
+    num_training_examples: int = 0  # a virtual epoch's size; 0 = the sidecar's train count
+    lrate: float = 0.001  # Adam learning rate
+    l1: float = 0.0
+    l2: float = 0.0
+    num_hidden: int = 16  # units of the hidden layer (dnn, mobilenet and embeddings heads)
+    crop_ratio: float = 0.5  # random crop of model_size out of model_size / crop_ratio; 1.0 = no crop
+    with_flip: bool = True
+    with_color_distort: bool = True
+    patience: int = 2  # epochs without val_accuracy gain before early stopping
+    hub_handle: str = DEFAULT_HUB_HANDLE  # URL or local SavedModel path (mobilenet model)
+    image_size: int = 224  # model input size for the jpeg form (pixels: the sidecar's)
+    cache: bool = False  # cache parsed records in memory (small datasets only)
+    seed: int = 42  # file order, shuffles, initialisation
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    """The parser for `python -m trainer.train`; unknown flags are errors."""
+    defaults = TrainConfig(data="", job_dir="")
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="ETL output folder (local or gs://) holding metadata.json")
+    # Vertex AI sets AIP_MODEL_DIR; an explicit --job_dir wins.
+    p.add_argument("--job_dir", "--job-dir", dest="job_dir", default=os.environ.get("AIP_MODEL_DIR"),
+                   required=os.environ.get("AIP_MODEL_DIR") is None, help="run folder; rerunning resumes")
+    p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
+    p.add_argument("--model", choices=MODELS, default=defaults.model)
+    p.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    p.add_argument("--num_epochs", type=int, default=defaults.num_epochs)
+    p.add_argument("--num_training_examples", type=int, default=defaults.num_training_examples)
+    p.add_argument("--lrate", type=float, default=defaults.lrate)
+    p.add_argument("--l1", type=float, default=defaults.l1)
+    p.add_argument("--l2", type=float, default=defaults.l2)
+    p.add_argument("--num_hidden", type=int, default=defaults.num_hidden)
+    p.add_argument("--crop_ratio", type=float, default=defaults.crop_ratio)
+    p.add_argument("--with_flip", type=parse_bool, default=defaults.with_flip)
+    p.add_argument("--with_color_distort", type=parse_bool, default=defaults.with_color_distort)
+    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--hub_handle", default=defaults.hub_handle)
+    p.add_argument("--image_size", type=int, default=defaults.image_size)
+    p.add_argument("--cache", type=parse_bool, nargs="?", const=True, default=defaults.cache)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parses and validates flags; a value out of range is an error that names the flag."""
+    parser = make_arg_parser()
+    args = parser.parse_args(argv)
+    config = TrainConfig(**vars(args))
+    problems = []
+    if config.batch_size <= 0:
+        problems.append(f"--batch_size must be positive, got {config.batch_size}")
+    if config.num_epochs <= 0:
+        problems.append(f"--num_epochs must be positive, got {config.num_epochs}")
+    if config.num_training_examples < 0:
+        problems.append(f"--num_training_examples must be >= 0, got {config.num_training_examples}")
+    if not 0.0 < config.crop_ratio <= 1.0:
+        problems.append(f"--crop_ratio must be in (0, 1], got {config.crop_ratio}")
+    if config.lrate <= 0:
+        problems.append(f"--lrate must be positive, got {config.lrate}")
+    if config.l1 < 0 or config.l2 < 0:
+        problems.append(f"--l1 and --l2 must be >= 0, got {config.l1}, {config.l2}")
+    if config.num_hidden <= 0:
+        problems.append(f"--num_hidden must be positive, got {config.num_hidden}")
+    if config.image_size < 32:
+        problems.append(f"--image_size must be at least 32, got {config.image_size}")
+    if config.patience < 0:
+        problems.append(f"--patience must be >= 0, got {config.patience}")
+    if problems:
+        parser.error("; ".join(problems))
+    return config

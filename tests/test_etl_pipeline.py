@@ -1,0 +1,175 @@
+"""The ETL on generated images, for each form: what lands on disk is what the sidecar says."""
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from etl import pipeline, publish
+from shared import layout, metadata, preprocess, schema
+from tests import image_factory
+
+
+def read_records(out_dir, meta, split=None):
+    """All records of a dataset (or one split), decoded with the schema, keyed by uri."""
+    out = {}
+    for s in ([split] if split else layout.SPLITS):
+        for path in meta.shard_paths(out_dir, s):
+            for raw in tf.data.TFRecordDataset(path):
+                record = schema.decode_example(meta.features, raw.numpy())
+                record["split"] = s
+                out[record["uri"]] = record
+    return out
+
+
+def run_etl(input_path, out_dir, *flags):
+    return pipeline.run(["--input", input_path, "--output", str(out_dir), *flags])
+
+
+def test_jpeg_form_keeps_rgb_jpeg_bytes_and_reencodes_the_rest(tmp_path):
+    root = tmp_path / "in"
+    rows = image_factory.write_class_folders(str(root), classes=("a", "b"), per_class=4)
+    picture = image_factory.make_image(0, seed=7)
+    others = {
+        "png": image_factory.encode(picture, "PNG"),
+        "gif": image_factory.encode(picture.convert("P"), "GIF"),
+        "bmp": image_factory.encode(picture, "BMP"),
+        "gray.jpg": image_factory.encode(picture.convert("L"), "JPEG"),
+        "cmyk.jpg": image_factory.encode(picture.convert("CMYK"), "JPEG"),
+    }
+    for name, data in others.items():
+        path = root / "a" / f"other.{name}"
+        path.write_bytes(data)
+        rows.append((str(path), "a"))
+    csv_path = image_factory.write_csv(str(tmp_path / "all.csv"), rows)
+
+    meta = run_etl(csv_path, tmp_path / "out", "--form", "jpeg")
+    records = read_records(str(tmp_path / "out"), meta)
+    assert len(records) == len(rows)
+    for uri, record in records.items():
+        source = open(uri, "rb").read()
+        image = Image.open(io.BytesIO(record["image"]))
+        assert image.format == "JPEG" and image.mode == "RGB", uri
+        if uri.endswith("0.jpg") or "/00" in uri:
+            assert record["image"] == source, "an RGB JPEG must keep its original bytes"
+        else:
+            assert record["image"] != source
+        decoded = preprocess.decode_image(record["image"]).numpy()
+        assert decoded.shape == (40, 48, 3)
+        assert (record["height"], record["width"]) == (40, 48)
+        assert meta.class_names[record["label"]] == record["label_name"]
+
+
+def test_pixels_form_is_the_shared_preprocessing_of_the_file(tmp_path, class_folder_dataset):
+    meta = run_etl(class_folder_dataset, tmp_path / "out", "--form", "pixels", "--image_size", "16")
+    assert meta.form == "pixels" and meta.payload.shape == (16, 16, 3)
+    assert meta.class_names == ("cat", "dog", "owl")  # sorted sub-folder names; README, dict.txt ignored
+    records = read_records(str(tmp_path / "out"), meta)
+    assert len(records) == 24
+    for uri, record in list(records.items())[:6]:
+        expected = preprocess.preprocess_image(tf.io.read_file(uri), 16).numpy()
+        np.testing.assert_array_equal(record["image"], expected)
+        assert record["label_name"] == os.path.basename(os.path.dirname(uri))
+        assert meta.class_names[record["label"]] == record["label_name"]
+
+
+def test_embeddings_form_runs_the_module_once_per_image(tmp_path, class_folder_dataset, embedding_module_dir):
+    meta = run_etl(class_folder_dataset, tmp_path / "out", "--form", "embeddings",
+                   "--embedding_module", embedding_module_dir, "--embedding_batch_size", "5")
+    assert meta.payload.name == "embedding" and meta.payload.shape == (1280,)
+    assert meta.preprocessing["module"] == embedding_module_dir and meta.preprocessing["input_size"] == 32
+    records = read_records(str(tmp_path / "out"), meta)
+    uri, record = next(iter(records.items()))
+    module = tf.saved_model.load(embedding_module_dir)
+    expected = module(preprocess.preprocess_image(tf.io.read_file(uri), 32)[None])[0].numpy()
+    np.testing.assert_allclose(record["embedding"], expected, rtol=1e-5, atol=1e-5)
+    assert len({r["embedding"].tobytes() for r in records.values()}) == len(records)
+
+
+def test_default_module_without_network_fails_before_reading_input(tmp_path):
+    with pytest.raises(Exception, match="--embedding_module"):
+        run_etl(str(tmp_path / "does-not-exist.csv"), tmp_path / "out", "--form", "embeddings")
+    assert not (tmp_path / "out").exists(), "nothing may be created before the module loads"
+
+
+def test_sidecar_describes_the_files(tmp_path, class_folder_dataset):
+    out = tmp_path / "out"
+    meta = run_etl(class_folder_dataset, out, "--form", "jpeg", "--split", "50,25,25")
+    body = json.loads((out / layout.METADATA_FILE).read_text())
+    for key in ("schema_version", "form", "class_names", "features", "preprocessing", "splits", "rejected",
+                "input", "command_line", "versions", "created"):
+        assert key in body, key
+    assert body["versions"]["apache-beam"] and body["versions"]["tensorflow"]
+    total = 0
+    for split, info in meta.splits.items():
+        assert info.num_examples == sum(s.num_examples for s in info.shards)
+        total += info.num_examples
+        for shard in info.shards:
+            data = (out / shard.file).read_bytes()
+            assert len(data) == shard.num_bytes
+            assert hashlib.sha256(data).hexdigest() == shard.sha256
+            assert sum(1 for _ in tf.data.TFRecordDataset(str(out / shard.file))) == shard.num_examples
+    assert total == 24
+    metadata.check_shards(metadata.read_metadata(str(out)), str(out))
+    assert sorted(os.listdir(out)) == sorted([layout.METADATA_FILE, layout.REJECTS_FILE] +
+                                             [s.file for i in meta.splits.values() for s in i.shards])
+
+
+def test_split_is_a_function_of_the_uri(tmp_path, class_folder_dataset):
+    first = run_etl(class_folder_dataset, tmp_path / "a", "--form", "jpeg")
+    second = run_etl(class_folder_dataset, tmp_path / "b", "--form", "jpeg", "--shard_mb", "0.002",
+                     "--direct_num_workers", "2", "--direct_running_mode", "multi_threading")
+    split_a = {u: r["split"] for u, r in read_records(str(tmp_path / "a"), first).items()}
+    split_b = {u: r["split"] for u, r in read_records(str(tmp_path / "b"), second).items()}
+    assert split_a == split_b
+    assert len(set(split_a.values())) == 3, "24 images at 80/10/10 should reach every split"
+    ids = {u: r["example_id"] for u, r in read_records(str(tmp_path / "a"), first).items()}
+    assert len(set(ids.values())) == len(ids)
+
+
+def test_shards_are_sized_by_bytes(tmp_path):
+    root = tmp_path / "in"
+    image_factory.write_class_folders(str(root), classes=("a", "b", "c"), per_class=40)
+    target_mb = 0.02  # ~20 KB shards of ~1.1 KB records: about 18 records each
+    meta = run_etl(str(root), tmp_path / "out", "--form", "jpeg", "--shard_mb", str(target_mb), "--split", "100,0,0")
+    shards = meta.splits["train"].shards
+    target = target_mb * 2 ** 20
+    assert len(shards) >= 4
+    outside = [s for s in shards if not 0.8 * target <= s.num_bytes <= 1.2 * target]
+    assert len(outside) <= 1, [s.num_bytes for s in shards]
+    assert [s.file for s in shards] == [layout.shard_file_name("train", i, len(shards)) for i in range(len(shards))]
+    assert meta.splits["valid"].num_examples == 0 and meta.splits["valid"].shards == ()
+    # The sort key mixes classes: no shard holds a single class.
+    records = read_records(str(tmp_path / "out"), meta, "train")
+    by_shard = {}
+    for s in shards:
+        labels = {schema.decode_example(meta.features, r.numpy())["label"]
+                  for r in tf.data.TFRecordDataset(str(tmp_path / "out" / s.file))}
+        by_shard[s.file] = labels
+    assert all(len(labels) > 1 for labels in by_shard.values()), by_shard
+    assert len(records) == 120
+
+
+def test_min_shards_is_a_floor(tmp_path, class_folder_dataset):
+    meta = run_etl(class_folder_dataset, tmp_path / "out", "--form", "jpeg", "--min_shards", "3", "--split", "100,0,0")
+    assert len(meta.splits["train"].shards) == 3
+    assert all(s.num_examples == 8 for s in meta.splits["train"].shards)
+
+
+def test_output_must_be_empty_unless_overwrite(tmp_path, class_folder_dataset):
+    out = tmp_path / "out"
+    run_etl(class_folder_dataset, out, "--form", "jpeg")
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    with pytest.raises(publish.OutputNotEmptyError, match="--overwrite"):
+        run_etl(class_folder_dataset, out, "--form", "jpeg")
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before, "a refused run must change nothing"
+    meta = run_etl(class_folder_dataset, out, "--form", "pixels", "--image_size", "8", "--overwrite")
+    assert metadata.read_metadata(str(out)).form == "pixels" and meta.form == "pixels"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(publish.OutputNotEmptyError, match="notes.txt"):
+        run_etl(class_folder_dataset, out, "--form", "jpeg", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine" and (out / layout.METADATA_FILE).exists()

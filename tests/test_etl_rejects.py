@@ -1,0 +1,159 @@
+"""Bad and messy input: every row is accounted for, each bad one with its reason; nothing crashes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from etl import pipeline, publish
+from shared import layout, schema
+from tests import image_factory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_rejects(out_dir):
+    with open(os.path.join(out_dir, layout.REJECTS_FILE), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def count_records(out_dir, meta):
+    return sum(1 for s in layout.SPLITS for p in meta.shard_paths(str(out_dir), s) for _ in tf.data.TFRecordDataset(p))
+
+
+def test_each_bad_input_is_rejected_with_its_reason(tmp_path):
+    good = image_factory.write_class_folders(str(tmp_path / "in"), classes=("a", "b"), per_class=5)
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "text.jpg").write_text("hello, I am not a picture")
+    jpeg = image_factory.encode(image_factory.make_image(0, 1, size=(200, 160)), "JPEG")
+    (bad_dir / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (bad_dir / "bomb.png").write_bytes(image_factory.png_with_claimed_size(30000, 30000))
+    (bad_dir / "big.jpg").write_bytes(jpeg + b"\0" * 300_000)  # over --max_file_mb 0.25
+    (bad_dir / "empty.jpg").write_bytes(b"")
+    rows = good + [
+        (str(bad_dir / "missing.jpg"), "a"),
+        (str(bad_dir / "text.jpg"), "a"),
+        (str(bad_dir / "truncated.jpg"), "b"),
+        (str(bad_dir / "bomb.png"), "b"),
+        (str(bad_dir / "big.jpg"), "a"),
+        (str(bad_dir / "empty.jpg"), "a"),
+        (good[0][0], "zebra"),  # unknown label (the labels file fixes the classes) and a duplicate uri
+        (str(bad_dir / "x.jpg"), "a", "extra"),  # malformed: three fields
+        (good[1][0], "a"),  # duplicate
+    ]
+    csv_path = image_factory.write_csv(str(tmp_path / "all.csv"), rows)
+    labels = tmp_path / "dict.txt"
+    labels.write_text("b\na\n")
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", csv_path, "--labels", str(labels), "--output", str(out), "--form", "pixels",
+                         "--image_size", "8", "--max_file_mb", "0.25", "--max_reject_fraction", "0.6"])
+    rejects = read_rejects(out)
+    by_uri = {}
+    for r in rejects:
+        by_uri.setdefault(os.path.basename(r["uri"]) or r["source"], []).append(r["reason"])
+    assert by_uri["missing.jpg"] == ["missing_file"]
+    assert by_uri["text.jpg"] == ["not_an_image"]
+    assert by_uri["empty.jpg"] == ["not_an_image"]
+    assert by_uri["truncated.jpg"] == ["corrupt"]
+    assert by_uri["bomb.png"] == ["too_large"]
+    assert by_uri["big.jpg"] == ["too_large"]
+    assert any(r["reason"] == "malformed_row" and "extra" in r["source"] for r in rejects)
+    dup_reasons = sorted(reason for r in rejects if r["uri"] in (good[0][0], good[1][0]) for reason in [r["reason"]])
+    assert dup_reasons == ["duplicate", "duplicate"], rejects
+    for r in rejects:
+        assert set(r) >= {"uri", "label", "reason", "detail"} and r["detail"]
+    # Accounting: every input row is a record or a reject.
+    assert count_records(out, meta) + len(rejects) == len(rows)
+    assert meta.extra["rejected"]["count"] == len(rejects)
+    assert meta.extra["input"]["num_rows"] == len(rows)
+    assert meta.class_names == ("b", "a"), "the labels file fixes the class order"
+    assert sum(meta.extra["rejected"]["by_reason"].values()) == len(rejects)
+
+
+def test_unknown_label_is_rejected(tmp_path):
+    rows = image_factory.write_class_folders(str(tmp_path / "in"), classes=("a", "b"), per_class=3)
+    labels = tmp_path / "dict.txt"
+    labels.write_text("a\n")
+    out = tmp_path / "out"
+    pipeline.run(["--input", image_factory.write_csv(str(tmp_path / "all.csv"), rows), "--labels", str(labels),
+                  "--output", str(out), "--form", "jpeg"])
+    rejects = read_rejects(out)
+    assert sorted(r["reason"] for r in rejects) == ["unknown_label"] * 3
+    assert all(r["label"] == "b" for r in rejects)
+
+
+def test_messy_csv(tmp_path):
+    """Quoted comma in a path, CRLF, blank lines, a header row, spaces and non-ASCII in names."""
+    root = tmp_path / "in"
+    odd_dir = root / "fleur d'été"
+    odd_dir.mkdir(parents=True)
+    names = ["a, b.jpg", "näive space.jpg", "日本.jpg"]
+    for i, name in enumerate(names):
+        image_factory.make_image(i, i).save(odd_dir / name, format="JPEG")
+    csv_path = tmp_path / "all.csv"
+    lines = ["image,label", '"in/fleur d\'été/a, b.jpg",rosé', "", f"in/fleur d'été/{names[1]}, rosé", "   ",
+             f"in/fleur d'été/{names[2]},tulipe"]
+    csv_path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(csv_path), "--output", str(out), "--form", "jpeg"])
+    assert read_rejects(out) == []
+    assert meta.class_names == ("rosé", "tulipe")
+    assert sum(meta.splits[s].num_examples for s in layout.SPLITS) == 3
+    uris = set()
+    for s in layout.SPLITS:
+        for p in meta.shard_paths(str(out), s):
+            uris |= {schema.decode_example(meta.features, r.numpy())["uri"] for r in tf.data.TFRecordDataset(p)}
+    assert uris == {str(odd_dir / n) for n in names}
+
+
+def test_too_many_rejects_publishes_nothing(tmp_path):
+    rows = image_factory.write_class_folders(str(tmp_path / "in"), classes=("a",), per_class=2)
+    rows += [(str(tmp_path / f"missing{i}.jpg"), "a") for i in range(3)]
+    out = tmp_path / "out"
+    with pytest.raises(publish.TooManyRejectsError, match=r"3 of 5 inputs \(60.0%\).*--max_reject_fraction 0.5"):
+        pipeline.run(["--input", image_factory.write_csv(str(tmp_path / "all.csv"), rows), "--output", str(out),
+                      "--form", "jpeg", "--max_reject_fraction", "0.5"])
+    assert sorted(os.listdir(out)) == [layout.REJECTS_FILE], "only the list of rejects, so the user can see why"
+    assert len(read_rejects(out)) == 3
+
+
+def test_cli_reports_a_non_empty_output_clearly(tmp_path, class_folder_dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "etl", "--input", class_folder_dataset, "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "is not empty" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_publishes_nothing_and_the_next_run_recovers(tmp_path):
+    root = tmp_path / "in"
+    image_factory.write_class_folders(str(root), classes=("a", "b"), per_class=150, size=(160, 120))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "etl", "--input", str(root), "--output", str(out), "--form", "pixels",
+           "--image_size", "96", "--shard_mb", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    staging = []
+    while time.time() < deadline and proc.poll() is None:
+        staging = [n for n in os.listdir(out) if n.startswith(publish.TEMP_PREFIX)] if out.exists() else []
+        if staging and any(n.endswith(".part") for n in os.listdir(out / staging[0])):
+            break  # records are being written
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert layout.METADATA_FILE not in os.listdir(out)
+    assert not any(layout.parse_shard_file_name(n) for n in os.listdir(out)), "no shard may be published"
+    # Rerunning the same command (no --overwrite) removes the left-over and completes.
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert (out / layout.METADATA_FILE).exists()
+    assert not any(n.startswith(publish.TEMP_PREFIX) for n in os.listdir(out))

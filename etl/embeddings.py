@@ -70,3 +70,29 @@ def make_embedding_fn(handle: str, input_size: int):
         return module(preprocess.preprocess_batch(image_bytes, input_size))
 
     return lambda images: batch_fn(tf.constant(images)).numpy()
+
+
+def save_random_mobilenet(path: str, size: int = 224, alpha: float = 1.0) -> str:
+    """Saves MobileNetV2's architecture with random weights as a feature-vector module at `path`.
+
+    For tests and benchmarks without network: it has the default module's interface (float32
+    [N, size, size, 3] in [0, 1] -> [N, 1280]) and, at size 224 and alpha 1.0, its cost.
+    """
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    backbone = tf_keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, include_top=False,
+                                                 weights=None, pooling="avg")
+
+    class FeatureVector(tf.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        def __call__(self, images):
+            return self.model(images * 2.0 - 1.0, training=False)  # MobileNet expects [-1, 1]
+
+    tf.saved_model.save(FeatureVector(backbone), path)
+    return path

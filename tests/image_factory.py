@@ -62,23 +62,7 @@ def png_with_claimed_size(width: int, height: int) -> bytes:
 
 
 def build_embedding_module(path: str, size: int = 32) -> str:
-    """Saves MobileNetV2 (alpha 0.35, random weights, `size` px input) as a TF2 SavedModel that
-    hub.load and hub.KerasLayer accept: float32 [N, size, size, 3] in [0, 1] -> [N, 1280]."""
-    import tensorflow as tf
-    import tf_keras
+    """A small feature-vector module for tests (see etl.embeddings.save_random_mobilenet)."""
+    from etl.embeddings import save_random_mobilenet
 
-    tf_keras.utils.set_random_seed(0)
-    backbone = tf_keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35, include_top=False,
-                                                 weights=None, pooling="avg")
-
-    class FeatureVector(tf.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-        def __call__(self, images):
-            return self.model(images * 2.0 - 1.0, training=False)  # MobileNet expects [-1, 1]
-
-    tf.saved_model.save(FeatureVector(backbone), path)
-    return path
+    return save_random_mobilenet(path, size=size, alpha=0.35)

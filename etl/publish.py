@@ -38,8 +38,15 @@ def _list_entries(folder: str) -> list[str]:
 
 
 def _delete(paths: list[str]) -> None:
-    if paths:
-        FileSystems.delete(paths)
+    """Deletes files and folders; on object stores a "folder" is every object under its prefix."""
+    local = [p for p in paths if "://" not in p]
+    remote = []
+    for p in paths:
+        if "://" in p:
+            under = FileSystems.match([p.rstrip("/") + "/**"])[0].metadata_list
+            remote.extend([m.path for m in under] or [p])
+    if local or remote:
+        FileSystems.delete(local + remote)
 
 
 def _is_ours(name: str) -> bool:

@@ -112,9 +112,7 @@ class LoadImage(beam.DoFn):
                 if header.format == "JPEG" and header.mode == "RGB":
                     return data
                 return image_check.to_rgb_image_bytes(data, "JPEG", self._jpeg_quality)
-            if header.format in image_check.TF_DECODABLE_FORMATS:
-                return data  # TF decodes it as the trainer and the server will
-            return image_check.to_rgb_image_bytes(data, "PNG")  # TIFF, WebP...: lossless into a TF format
+            return image_check.to_tf_decodable(data, header)  # as the server does before TF sees it
         except Exception as e:
             raise ImageRejected("corrupt", f"cannot convert {header.format} {header.mode} to RGB: "
                                            f"{type(e).__name__}: {e}") from None

@@ -17,8 +17,11 @@ Image.MAX_IMAGE_PIXELS = None
 # 40 MP: larger than any phone photo (a 48 MP sensor bins to 12 MP), and 40e6 x 3 bytes = 120 MB decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
 
-# Formats TensorFlow's decode_image reads; anything else is converted to PNG before TF sees it.
-TF_DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# Formats passed to TensorFlow's decode_image as they are; anything else becomes PNG first.
+# Not GIF, although TF reads it: decode_image decodes every frame even with
+# expand_animations=False (120 frames of 1000x1000 took 3.3 s), and the header gives one
+# frame's size, so a small animated GIF could hold gigabytes of pixels.
+TF_DECODABLE_FORMATS = ("JPEG", "PNG", "BMP")
 
 
 class ImageRejected(ValueError):
@@ -90,3 +93,15 @@ def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> byt
     else:
         image.save(out, format=image_format)
     return out.getvalue()
+
+
+def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
+    """Bytes that TF's decode_image reads as the image the header describes: the original for
+    JPEG, PNG and BMP, the first frame as RGB PNG (lossless) for everything else."""
+    if header.format in TF_DECODABLE_FORMATS:
+        return data
+    try:
+        return to_rgb_image_bytes(data, "PNG")
+    except Exception as e:
+        raise ImageRejected("corrupt", f"cannot convert {header.format} {header.mode} to RGB: "
+                                       f"{type(e).__name__}: {e}") from None

@@ -1,0 +1,100 @@
+"""trainer.predict: one batched call, a line per file, errors named, and the grid."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, test_export  # noqa: F401
+from trainer import predict
+from trainer.exported_model import load_exported_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three good images (PNG, JPEG, GIF) and four bad files, in a mixed order."""
+    d = tmp_path_factory.mktemp("images")
+    files = {
+        "red.png": make_image_bytes((250, 10, 10)),
+        "notes.txt": b"not an image at all",
+        "green.jpg": make_image_bytes((10, 230, 10), "JPEG"),
+        "truncated.jpg": make_image_bytes((10, 230, 10), "JPEG", size=(200, 150))[:-300],
+        "bomb.png": make_bomb_png_header(),
+        "blue.gif": make_image_bytes((10, 10, 240), "GIF"),
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    paths = [str(d / name) for name in files]
+    paths.insert(3, str(d / "missing.png"))
+    return paths
+
+
+GOOD = ("red.png", "green.jpg", "blue.gif")
+
+
+def test_all_good_images_go_in_one_call_and_match_the_saved_model(test_export, images):
+    import tensorflow as tf
+
+    model = load_exported_model(test_export)
+    calls = []
+    real_predict = model.predict
+    model.predict = lambda batch: calls.append(len(batch)) or real_predict(batch)
+    results = predict.predict_files(model, images)
+
+    assert calls == [3], f"expected one call with the 3 good images, got calls of sizes {calls}"
+    assert [r.file for r in results] == images
+    good = [r for r in results if os.path.basename(r.file) in GOOD]
+    assert all(r.error is None for r in good)
+    fn = tf.saved_model.load(test_export).signatures["serving_default"]
+    expected = fn(image_bytes=tf.constant([open(r.file, "rb").read() for r in good]))
+    np.testing.assert_allclose([r.prediction["probability"] for r in good], expected["probability"].numpy(), rtol=1e-6)
+    assert [r.prediction["class_name"] for r in good] == [s.decode() for s in expected["class_name"].numpy()]
+    if "SERVING_TEST_EXPORT" not in os.environ:
+        assert [r.prediction["class_name"] for r in good] == ["red", "green", "blue"]
+
+    errors = {os.path.basename(r.file): r.error for r in results if r.error is not None}
+    assert set(errors) == {"notes.txt", "missing.png", "truncated.jpg", "bomb.png"}
+    assert "not a readable image" in errors["notes.txt"]
+    assert "does not decode" in errors["truncated.jpg"]
+    assert "30000x30000" in errors["bomb.png"]
+
+
+def test_batch_size_splits_the_calls(test_export, images):
+    model = load_exported_model(test_export)
+    calls = []
+    real_predict = model.predict
+    model.predict = lambda batch: calls.append(len(batch)) or real_predict(batch)
+    predict.predict_files(model, images, batch_size=2)
+    assert calls == [2, 1]
+
+
+def test_cli_prints_a_json_line_per_file_writes_the_grid_and_fails_if_any_failed(test_export, images, tmp_path):
+    grid = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", test_export, "--grid", str(grid), *images],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["file"] for line in lines] == images
+    for line in lines:
+        if os.path.basename(line["file"]) in GOOD:
+            assert set(line) == {"file", "class_name", "class_index", "probability"}
+        else:
+            assert set(line) == {"file", "error"}
+    assert "4 of 7 images failed" in proc.stderr
+    with Image.open(grid) as picture:
+        assert picture.format == "PNG" and picture.width >= 300  # three panels of 3 inches at 100 dpi
+
+
+def test_cli_exits_zero_when_every_image_predicts(test_export, images, capsys):
+    good = [p for p in images if os.path.basename(p) in GOOD]
+    assert predict.run(["--model", test_export, *good]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all("error" not in line for line in lines)

@@ -1,0 +1,295 @@
+"""trainer.serve: TF Serving's REST contract, equal predictions, and refusal of hostile requests."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
+from trainer.serving_app import make_app
+from trainer.serving_requests import ServingLimits
+
+SECRET = "SENTINEL-7f3c9b: must never leave the server"
+LIMITS = dict(max_body_bytes=200_000, max_instances=8, max_request_pixels=1_000_000)
+
+# Every path Python opens in this process (open(), os.open(), ...) while `_opened` is armed.
+_opened: list[str] | None = None
+
+
+def _record_opens(event, args):
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)  # audit hooks cannot be removed; it costs one comparison per event
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """root/ with images and symlinks pointing out of it; sentinels next to root/, outside it."""
+    base = tmp_path_factory.mktemp("files")
+    root, outside = base / "root", base / "outside"
+    (root / "cats").mkdir(parents=True)
+    outside.mkdir()
+    (root / "cats" / "red.png").write_bytes(make_image_bytes((250, 10, 10)))
+    (root / "blue.jpg").write_bytes(make_image_bytes((10, 10, 240), "JPEG"))
+    (base / "secret.txt").write_text(SECRET)
+    (outside / "red.png").write_bytes(make_image_bytes((250, 10, 10)))  # a valid image: reading it would succeed
+    (root / "link_to_secret.txt").symlink_to(base / "secret.txt")
+    (root / "link_to_image.png").symlink_to(outside / "red.png")
+    (root / "link_to_outside_dir").symlink_to(outside, target_is_directory=True)
+    return {"root": str(root), "secret": str(base / "secret.txt"), "outside_image": str(outside / "red.png")}
+
+
+@pytest.fixture(scope="module")
+def client(test_export, files):
+    app = make_app(test_export, "model", ServingLimits(allow_root=files["root"], **LIMITS))
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def direct(test_export):
+    """serving_default called on the SavedModel itself, without any of trainer's code."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(test_export).signatures["serving_default"]
+
+    def call(images: list[bytes]) -> list[dict]:
+        out = {k: v.numpy() for k, v in fn(image_bytes=tf.constant(images)).items()}
+        return [{k: out[k][i] for k in out} for i in range(len(images))]
+    return call
+
+
+def assert_predictions_equal(got: list[dict], expected: list[dict]):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g["class_name"] == e["class_name"].decode()
+        assert g["class_index"] == int(e["class_index"])
+        np.testing.assert_allclose(g["probability"], e["probability"], rtol=1e-6)
+        np.testing.assert_allclose(g["probabilities"], e["probabilities"], rtol=1e-6)
+
+
+IMAGES = [make_image_bytes((250, 10, 10)), make_image_bytes((10, 230, 10), "JPEG"), make_image_bytes((120, 120, 130)),
+          make_image_bytes((10, 10, 240), "GIF")]
+
+
+# --- the contract -----------------------------------------------------------------------------
+
+def test_status_and_metadata_follow_tf_serving(client):
+    for path in ("/v1/models/model", "/v1/models/model/versions/1"):
+        r = client.get(path)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version_status"][0] == {"version": "1", "state": "AVAILABLE",
+                                                       "status": {"error_code": "OK", "error_message": ""}}
+    sig = client.get("/v1/models/model/metadata").json()["metadata"]["signature_def"]["signature_def"]
+    assert list(sig) == ["serving_default"]  # predict_filenames is never offered
+    assert sig["serving_default"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    outputs = sig["serving_default"]["outputs"]
+    assert outputs["probability"]["dtype"] == "DT_FLOAT" and outputs["class_index"]["dtype"] == "DT_INT64"
+    assert outputs["class_name"]["dtype"] == "DT_STRING"
+    for path in ("/v1/models/other", "/v1/models/other/metadata", "/v1/models/model/versions/2"):
+        r = client.get(path)
+        assert r.status_code == 404 and "error" in r.json(), path
+    r = client.post("/v1/models/other:predict", json={"instances": [{"b64": b64(IMAGES[0])}]})
+    assert r.status_code == 404 and "other" in r.json()["error"]
+
+
+@pytest.mark.parametrize("form", ["image_bytes", "bare_b64"])
+def test_predict_equals_the_saved_model_called_directly(client, direct, form):
+    wrap = (lambda d: {"image_bytes": {"b64": b64(d)}}) if form == "image_bytes" else (lambda d: {"b64": b64(d)})
+    r = client.post("/v1/models/model:predict", json={"instances": [wrap(d) for d in IMAGES]})
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert_predictions_equal(predictions, direct(IMAGES))
+    if "SERVING_TEST_EXPORT" not in os.environ:  # the colour model's known answers
+        assert [p["class_name"] for p in predictions[:2]] == ["red", "green"]
+    r = client.post("/v1/models/model/versions/1:predict", json={"instances": [wrap(IMAGES[0])]})
+    assert_predictions_equal(r.json()["predictions"], direct(IMAGES[:1]))
+
+
+def test_web_safe_base64_and_a_non_tf_format_are_accepted(client, direct):
+    webp = make_image_bytes((250, 10, 10), "WEBP")
+    r = client.post("/v1/models/model:predict", json={"instances": [
+        {"b64": base64.urlsafe_b64encode(IMAGES[1]).decode()}, {"b64": b64(webp)}]})
+    assert r.status_code == 200, r.text
+    assert_predictions_equal(r.json()["predictions"][:1], direct(IMAGES[1:2]))
+
+
+def test_filenames_under_the_root_are_read_by_the_server(client, direct, files, test_export):
+    instances = [{"filenames": "cats/red.png"}, {"filenames": os.path.join(files["root"], "blue.jpg")},
+                 {"filenames": "cats/../blue.jpg"}]
+    r = client.post("/v1/models/model:predict", json={"instances": instances})
+    assert r.status_code == 200, r.text
+    with open(os.path.join(files["root"], "cats/red.png"), "rb") as f1, open(os.path.join(files["root"], "blue.jpg"), "rb") as f2:
+        expected = direct([f1.read(), f2.read()])
+    assert_predictions_equal(r.json()["predictions"], expected + expected[1:])
+    assert not os.path.exists(marker_path(test_export)), "the server called predict_filenames"
+
+
+def test_filenames_are_refused_without_allow_root(test_export, files):
+    with TestClient(make_app(test_export, "model", ServingLimits(**LIMITS))) as c:
+        r = c.post("/v1/models/model:predict", json={"instances": [{"filenames": "cats/red.png"}]})
+    assert r.status_code == 403 and "--allow_root" in r.json()["error"]
+
+
+# --- hostile requests -------------------------------------------------------------------------
+
+HOSTILE_PATHS = [
+    ("../../etc/passwd", 403), ("../secret.txt", 403), ("cats/../../secret.txt", 403),
+    ("{secret}", 403),  # absolute, outside
+    ("{outside_image}", 403),  # absolute, outside, and a valid image
+    ("link_to_secret.txt", 403), ("link_to_image.png", 403), ("link_to_outside_dir/red.png", 403),
+    ("gs://bucket/cats/red.png", 403), ("file://{secret}", 403), ("http://127.0.0.1:1/x.png", 403),
+    ("/dev/zero", 403), ("cats", 400),  # a folder under the root: not a regular file
+    ("missing.png", 400),
+]
+
+
+@pytest.mark.parametrize("path,status", HOSTILE_PATHS)
+def test_paths_outside_the_root_are_refused_and_never_opened(client, files, test_export, path, status):
+    global _opened
+    path = path.format(**files)
+    _opened = []
+    try:
+        r = client.post("/v1/models/model:predict",
+                        json={"instances": [{"filenames": "cats/red.png"}, {"filenames": path}]})
+        opened = [os.path.realpath(p) for p in _opened]
+    finally:
+        _opened = None
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"} and r.json()["error"].startswith("instance 1:")
+    assert SECRET not in r.text
+    assert os.path.realpath(os.path.join(files["root"], "cats/red.png")) in opened  # the hook does see reads
+    for sentinel in (files["secret"], files["outside_image"], "/etc/passwd", "/dev/zero"):
+        assert os.path.realpath(sentinel) not in opened, f"the server opened {sentinel}"
+    assert not os.path.exists(marker_path(test_export)), "the server called predict_filenames"
+
+
+def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
+    good = {"b64": b64(IMAGES[0])}
+    truncated = make_image_bytes((10, 200, 10), "JPEG", size=(200, 150))[:-300]
+    return {
+        "invalid base64": ({"instances": [good, {"b64": "not*base64!"}]}, 400, "instance 1: invalid base64"),
+        "base64 with a bad length": ({"instances": [{"b64": "abcde"}]}, 400, "instance 0: invalid base64"),
+        "not an image": ({"instances": [good, {"b64": b64(b"%PDF-1.4 hello")}]}, 400, "instance 1: not a readable image"),
+        "truncated jpeg": ({"instances": [good, good, {"b64": b64(truncated)}]}, 400, "instance 2: the image does not decode"),
+        "decompression bomb header": ({"instances": [{"b64": b64(make_bomb_png_header())}]}, 413, "instance 0: 30000x30000"),
+        "too many pixels in all": ({"instances": [{"b64": b64(make_bomb_png_header(800, 800))}] * 2}, 413, "per-request"),
+        "too many instances": ({"instances": [good] * 9}, 413, "9 instances is over the limit of 8"),
+        "predict_filenames signature": ({"signature_name": "predict_filenames", "instances": [good]}, 400, "is not served"),
+        "columnar inputs": ({"inputs": {"image_bytes": [good]}}, 400, '"instances"'),
+        "empty instances": ({"instances": []}, 400, "non-empty"),
+        "raw string instance": ({"instances": ["aGVsbG8="]}, 400, "instance 0: expected"),
+        "image_bytes without b64": ({"instances": [{"image_bytes": "aGVsbG8="}]}, 400, 'instance 0: "image_bytes"'),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hostile_bodies()))
+def test_malformed_or_oversized_requests_get_their_4xx_at_once(client, name):
+    body, status, message = _hostile_bodies()[name]
+    start = time.perf_counter()
+    r = client.post("/v1/models/model:predict", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert time.perf_counter() - start < 2.0  # the 900 MP bomb would take far longer (and 2.7 GB) to decode
+
+
+def test_oversized_and_non_json_bodies_are_refused(client):
+    big = json.dumps({"instances": [{"b64": "A" * 250_000}]})
+    r = client.post("/v1/models/model:predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "200,000" in r.json()["error"]
+
+    def chunked():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(100):
+            yield b"x" * 10_000
+    r = client.post("/v1/models/model:predict", content=chunked())
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    r = client.post("/v1/models/model:predict", content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = client.post("/v1/models/model:predict", content=b"[" * 100_000 + b"]" * 100_000)
+    assert r.status_code == 400
+    assert client.post("/v1/models/model:predict", json={"instances": [{"b64": b64(IMAGES[0])}]}).status_code == 200
+
+
+# --- the real server under concurrent load ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live_server(test_export, files):
+    """uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import uvicorn
+
+    app = make_app(test_export, "model", ServingLimits(allow_root=files["root"], **LIMITS))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_200_concurrent_requests_complete_while_hostile_ones_are_refused(live_server, direct):
+    expected = direct(IMAGES)
+    valid = {"instances": [{"b64": b64(d)} for d in IMAGES]}
+    hostile = [({"instances": [{"b64": b64(make_bomb_png_header())}]}, 413),
+               ({"instances": [{"filenames": "../secret.txt"}]}, 403),
+               ({"instances": [{"b64": "A" * 300_000}]}, 413)]
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=live_server, limits=limits, timeout=60) as c:
+            valid_calls = [c.post("/v1/models/model:predict", json=valid) for _ in range(200)]
+            hostile_calls = [c.post("/v1/models/model:predict", json=body) for body, _ in hostile * 5]
+            return await asyncio.gather(*valid_calls, *hostile_calls, return_exceptions=True)
+
+    responses = asyncio.run(run_all())
+    errors = [r for r in responses[:200] if isinstance(r, Exception) or r.status_code != 200]
+    assert not errors, f"{len(errors)} of 200 valid requests failed, e.g. {errors[0]!r}"
+    for r in responses[:200]:
+        assert_predictions_equal(r.json()["predictions"], expected)
+    for r, (_, status) in zip(responses[200:], hostile * 5):
+        assert not isinstance(r, Exception), f"a hostile request broke the connection: {r!r}"
+        assert r.status_code == status, r.text
+
+
+def test_an_animated_gif_reaches_the_model_as_its_first_frame_only(client, direct):
+    """TF's decode_image decodes every GIF frame even for one output, and the header gives one
+    frame's size: so the server hands the model a PNG of the first frame instead."""
+    import io
+
+    from PIL import Image
+
+    from shared import image_check
+    from trainer.exported_model import prepare_image_bytes
+
+    frames = [Image.new("RGB", (64, 48), c) for c in [(250, 10, 10)] + [(10, 10, 240)] * 30]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    gif = out.getvalue()
+    prepared = prepare_image_bytes(gif, image_check.read_header(gif))
+    assert prepared.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(prepared)) as first:
+        assert first.size == (64, 48) and getattr(first, "n_frames", 1) == 1
+    r = client.post("/v1/models/model:predict", json={"instances": [{"b64": b64(gif)}]})
+    assert r.status_code == 200, r.text
+    assert_predictions_equal(r.json()["predictions"], direct([prepared]))

@@ -1,0 +1,188 @@
+"""A TF Serving predict request body -> checked image bytes, refusing anything hostile with a 4xx.
+
+Instance forms (TF Serving's row format for a signature whose one input is `image_bytes`):
+  {"image_bytes": {"b64": "..."}}   or the bare   {"b64": "..."}
+  {"filenames": "cats/1.jpg"}       only with an allowed root, read by this code, never by the graph
+
+Status codes: 413 when a limit is broken (body, instances, pixels, bytes), 403 for a path outside
+the root or filenames while they are disabled, 400 for anything malformed. Messages name the
+instance by index and never echo file contents or where a symlink points.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import os
+import re
+import stat
+import sys
+from typing import Any
+
+from shared import image_check
+from trainer.exported_model import SERVING_SIGNATURE, prepare_image_bytes
+
+# Any scheme prefix (gs://, http://, file://, s3://): such strings are never paths here.
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    max_body_bytes: int = 10 * 2**20  # 10 MiB: 64 phone-camera JPEGs of ~110 KB in base64, or one 7 MB photo
+    max_instances: int = 64
+    max_pixels: int = image_check.DEFAULT_MAX_PIXELS  # per image, from its header: the ETL's 40 MP
+    # All images of one request: TF decodes to float32 before resizing (12 bytes a pixel), so
+    # 100 MP bounds one request's decode memory near 1.2 GB even if every image were in flight.
+    max_request_pixels: int = 100_000_000
+    allow_root: str | None = None  # real path of the folder `filenames` may read; None = filenames refused
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_instances", "max_pixels", "max_request_pixels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.allow_root is not None:
+            if not os.path.isdir(self.allow_root):
+                raise ValueError(f"allow_root {self.allow_root!r} is not a folder")
+            object.__setattr__(self, "allow_root", os.path.realpath(self.allow_root))
+
+
+class RequestRejected(Exception):
+    """A request the server refuses; `status` is the HTTP status, the message is the JSON error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_predict_request(body: bytes, limits: ServingLimits) -> list[bytes]:
+    """The request body -> one entry of model-ready image bytes per instance, in order.
+
+    Every instance is read and its header checked before any is decoded, so a request over the
+    pixel budget costs header reads only; then each must decode in full (PIL) before the batch
+    goes to the model, so one bad image is refused by index instead of failing the others.
+    """
+    instances = _read_instances(body, limits)
+    raw_images = []
+    headers = []
+    total_bytes = 0
+    total_pixels = 0
+    for index, instance in enumerate(instances):
+        data = _instance_bytes(index, instance, limits)
+        total_bytes += len(data)
+        if total_bytes > limits.max_body_bytes:
+            raise RequestRejected(413, f"instances 0..{index} hold {total_bytes:,} bytes of images, over the "
+                                       f"limit of {limits.max_body_bytes:,} (--max_body_mb)")
+        try:
+            header = image_check.read_header(data, limits.max_pixels)
+        except image_check.ImageRejected as e:
+            status = 413 if e.reason == "too_large" else 400
+            hint = " (--max_pixels)" if e.reason == "too_large" else ""
+            raise RequestRejected(status, f"instance {index}: {e.detail}{hint}") from None
+        total_pixels += header.width * header.height
+        if total_pixels > limits.max_request_pixels:
+            raise RequestRejected(413, f"instances 0..{index} hold {total_pixels:,} pixels, over the per-request "
+                                       f"limit of {limits.max_request_pixels:,}; send fewer or smaller images")
+        raw_images.append(data)
+        headers.append(header)
+    prepared = []
+    for index, (data, header) in enumerate(zip(raw_images, headers)):
+        try:
+            prepared.append(prepare_image_bytes(data, header))
+        except image_check.ImageRejected as e:
+            raise RequestRejected(400, f"instance {index}: {e.detail}") from None
+    return prepared
+
+
+def _read_instances(body: bytes, limits: ServingLimits) -> list[Any]:
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise RequestRejected(400, f"the body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(request, dict):
+        raise RequestRejected(400, f'the body must be a JSON object {{"instances": [...]}}, got {type(request).__name__}')
+    signature = request.get("signature_name", SERVING_SIGNATURE)
+    if signature != SERVING_SIGNATURE:
+        raise RequestRejected(400, f"signature_name {str(signature)[:100]!r} is not served; only {SERVING_SIGNATURE!r} is "
+                                   f"(paths are sent as {{\"filenames\": ...}} instances, which this server reads itself)")
+    if "instances" not in request:
+        keys = sorted(request)[:10]
+        raise RequestRejected(400, f'the body must have "instances" (row format); it has {keys}')
+    instances = request["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise RequestRejected(400, '"instances" must be a non-empty list')
+    if len(instances) > limits.max_instances:
+        raise RequestRejected(413, f"{len(instances)} instances is over the limit of {limits.max_instances} "
+                                   f"per request (--max_instances); split the request")
+    return instances
+
+
+def _instance_bytes(index: int, instance: Any, limits: ServingLimits) -> bytes:
+    if isinstance(instance, dict) and set(instance) == {"b64"}:
+        return _decode_b64(index, instance["b64"])
+    if isinstance(instance, dict) and set(instance) == {"image_bytes"}:
+        value = instance["image_bytes"]
+        if isinstance(value, dict) and set(value) == {"b64"}:
+            return _decode_b64(index, value["b64"])
+        raise RequestRejected(400, f'instance {index}: "image_bytes" must be {{"b64": "<base64>"}} (binary data '
+                                   f"cannot travel as a JSON string)")
+    if isinstance(instance, dict) and set(instance) == {"filenames"}:
+        return read_file_under_root(index, instance["filenames"], limits)
+    shown = sorted(instance)[:5] if isinstance(instance, dict) else type(instance).__name__
+    raise RequestRejected(400, f'instance {index}: expected {{"image_bytes": {{"b64": ...}}}}, {{"b64": ...}} or '
+                               f'{{"filenames": ...}}, got {shown}')
+
+
+def _decode_b64(index: int, text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise RequestRejected(400, f'instance {index}: "b64" must be a string, got {type(text).__name__}')
+    try:
+        # Standard or web-safe alphabet (TF Serving takes both); anything else is an error, not skipped.
+        alphabet = b"-_" if ("-" in text or "_" in text) else None
+        return base64.b64decode(text, altchars=alphabet, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestRejected(400, f"instance {index}: invalid base64 ({len(text)} characters): {e}") from None
+
+
+def read_file_under_root(index: int, name: Any, limits: ServingLimits) -> bytes:
+    """Reads a client-named file only if its real path (symlinks resolved) lies under the allowed root.
+
+    Relative names are relative to the root. The file is opened without following a final symlink
+    and its open descriptor is checked again (Linux: /proc/self/fd), so a symlink swapped in after
+    the check is still refused. Only regular files are read (a FIFO or /dev/zero would never end).
+    """
+    root = limits.allow_root
+    if root is None:
+        raise RequestRejected(403, f'instance {index}: "filenames" instances are disabled; '
+                                   f"start the server with --allow_root DIR to read files under DIR")
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise RequestRejected(400, f'instance {index}: "filenames" must be one non-empty path string')
+    if _URL_SCHEME.match(name):
+        raise RequestRejected(403, f"instance {index}: {name[:200]!r} is a URL; only paths under the allowed root are read")
+    real = os.path.realpath(os.path.join(root, name))
+    if not _is_under(real, root):
+        raise RequestRejected(403, f"instance {index}: {name[:200]!r} is outside the allowed root")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError as e:
+        raise RequestRejected(400, f"instance {index}: cannot open {name[:200]!r} under the allowed root: "
+                                   f"{e.strerror}") from None
+    try:
+        if sys.platform.startswith("linux") and not _is_under(os.readlink(f"/proc/self/fd/{fd}"), root):
+            raise RequestRejected(403, f"instance {index}: {name[:200]!r} is outside the allowed root")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RequestRejected(400, f"instance {index}: {name[:200]!r} is not a regular file")
+        if info.st_size > limits.max_body_bytes:
+            raise RequestRejected(413, f"instance {index}: {name[:200]!r} has {info.st_size:,} bytes, over the "
+                                       f"limit of {limits.max_body_bytes:,} (--max_body_mb)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limits.max_body_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

@@ -1,6 +1,7 @@
 """Beam flags for running the ETL on Dataflow, checked before anything is submitted.
 
-    python -m etl.dataflow_options --project P --region R --bucket B [--job_name N] [--max_workers 10]
+    python -m etl.dataflow_options --project P --region R --bucket B [--job_name N] [--max_workers 10] \
+        [--machine_type n1-standard-4] [--input gs://... --output gs://...]
 
 prints the flags (shell-quoted, one line) for `python -m etl ... $(...)`; `make etl
 RUNNER=DataflowRunner PROJECT=P REGION=R BUCKET=B` uses it. A missing or malformed value is an
@@ -34,10 +35,15 @@ def default_job_name(now: datetime.datetime | None = None) -> str:
 
 def dataflow_args(project: str | None, region: str | None, bucket: str | None, job_name: str | None = None,
                   setup_file: str | Path = SETUP_FILE, max_workers: int = DEFAULT_MAX_WORKERS,
-                  machine_type: str | None = None) -> list[str]:
+                  machine_type: str | None = None, input_path: str | None = None,
+                  output_path: str | None = None) -> list[str]:
     """The Beam argv for DataflowRunner: project, region, temp and staging under gs://bucket/dataflow/,
-    job name, setup file (so workers get this package) and the autoscaling cap."""
+    job name, setup file (so workers get this package) and the autoscaling cap. The ETL's own
+    --input and --output, when given, are checked too: workers cannot see local files."""
     problems = []
+    for name, path in (("INPUT (--input)", input_path), ("OUTPUT (--output)", output_path)):
+        if path is not None and not path.startswith("gs://"):
+            problems.append(f"{name} {path!r} is not on gs://: Dataflow workers cannot reach this machine's files")
     if not project:
         problems.append("PROJECT (--project) is missing: the Google Cloud project to run in")
     if not region:
@@ -78,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job_name", default="")
     p.add_argument("--max_workers", type=int, default=DEFAULT_MAX_WORKERS)
     p.add_argument("--machine_type", default="")
+    p.add_argument("--input", default=None, help="the ETL's --input, checked only (must be gs://)")
+    p.add_argument("--output", default=None, help="the ETL's --output, checked only (must be gs://)")
     ns = p.parse_args(argv)
     try:
-        args = dataflow_args(ns.project, ns.region, ns.bucket, ns.job_name or None,
-                             max_workers=ns.max_workers, machine_type=ns.machine_type or None)
+        args = dataflow_args(ns.project, ns.region, ns.bucket, ns.job_name or None, max_workers=ns.max_workers,
+                             machine_type=ns.machine_type or None, input_path=ns.input, output_path=ns.output)
     except DataflowOptionsError as e:
         print(f"etl.dataflow_options: error: {e}", file=sys.stderr)
         return 2

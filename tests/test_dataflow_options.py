@@ -1,0 +1,81 @@
+"""Dataflow settings for the ETL: complete and checked before submission, and what Beam's
+DataflowRunner translates them into (built offline with Beam's own --dry_run; nothing is sent)."""
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from etl import dataflow_options
+from etl.dataflow_options import DataflowOptionsError, dataflow_args
+
+
+def test_every_missing_setting_is_named_before_anything_runs(tmp_path):
+    with pytest.raises(DataflowOptionsError) as e:
+        dataflow_args(project="", region=None, bucket="gs://", setup_file=tmp_path / "nope.py", max_workers=0)
+    message = str(e.value)
+    for name in ("PROJECT (--project)", "REGION (--region)", "BUCKET (--bucket)", "nope.py", "MAX_WORKERS"):
+        assert name in message
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("region", "us central", "REGION"), ("bucket", "gs://my-bucket/some/path", "BUCKET"),
+    ("job_name", "My_Job", "JOB_NAME"), ("input_path", "data/all_data.csv", "INPUT (--input)"),
+    ("output_path", "data/out", "OUTPUT (--output)")])
+def test_malformed_settings_are_refused(field, value, named):
+    kwargs = {"project": "p", "region": "us-central1", "bucket": "my-bucket", field: value}
+    with pytest.raises(DataflowOptionsError, match=re.escape(named)):
+        dataflow_args(**kwargs)
+
+
+def test_cli_prints_flags_or_fails_with_exit_2(capsys):
+    assert dataflow_options.main(["--project", "p", "--region", "us-central1", "--bucket", "gs://my-bucket",
+                                  "--job_name", "etl-1"]) == 0
+    flags = shlex.split(capsys.readouterr().out)
+    assert "--temp_location=gs://my-bucket/dataflow/temp" in flags and "--job_name=etl-1" in flags
+    assert dataflow_options.main(["--project", "p", "--region", "us-central1"]) == 2  # what `make etl` sees
+    assert "BUCKET (--bucket) is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds the ETL graph and an sdist (~5 s)
+def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    from etl import pipeline
+    from etl.options import parse_etl_args
+
+    rows = tmp_path / "rows.csv"  # the ETL reads the CSV header while building the graph
+    rows.write_text("gs://my-bucket/images/a.jpg,cat\n")
+    config, _ = parse_etl_args(["--input", str(rows), "--output", "gs://my-bucket/out", "--form", "pixels",
+                                "--image_size", "32"])
+    args = dataflow_args("my-project", "europe-west4", "my-bucket", job_name="imagepipe-etl-test", max_workers=7,
+                         machine_type="n1-standard-2")
+    # --dry_run: DataflowRunner translates the job and returns before creating it; --no_auth: offline.
+    options = PipelineOptions(args + ["--dry_run=True", "--no_auth", "--sdk_location=container"])
+    p = beam.Pipeline(options=options)
+    pipeline.build_pipeline(p, config, "gs://my-bucket/out.tmp", pipeline.make_features(config, None), None)
+    job = p.run().job
+
+    assert job.proto.name == "imagepipe-etl-test"
+    cloud = job.options.view_as(GoogleCloudOptions)
+    assert (cloud.project, cloud.region) == ("my-project", "europe-west4")
+    assert cloud.temp_location.startswith("gs://my-bucket/dataflow/temp/")
+    assert cloud.staging_location.startswith("gs://my-bucket/dataflow/staging/")
+    assert job.options.view_as(SetupOptions).setup_file == str(dataflow_options.SETUP_FILE)
+    # The package built from setup.py is staged for the workers' environment.
+    staged = [d.role_payload for env in job.proto_pipeline.components.environments.values() for d in env.dependencies]
+    assert any(b"workflow.tar.gz" in payload for payload in staged), staged
+    steps = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+    assert {"LoadAndCheckImages", "CopyRecordsIntoShards", "WriteRejects"} <= steps
+    # The worker pool Dataflow would get (the same object the runner sends after staging).
+    environment = apiclient.Environment(packages=[], options=job.options, environment_version="8",
+                                        proto_pipeline_staged_url="gs://my-bucket/dataflow/staging/pipeline.pb",
+                                        proto_pipeline=job.proto_pipeline).proto
+    pool = environment.worker_pools[0]
+    assert pool.autoscaling_settings.max_num_workers == 7
+    assert pool.autoscaling_settings.algorithm.name == "AUTOSCALING_ALGORITHM_BASIC"
+    assert pool.machine_type == "n1-standard-2"
+    assert environment.temp_storage_prefix.startswith("storage.googleapis.com/my-bucket/dataflow/temp/")

@@ -1,0 +1,352 @@
+"""Local hyperparameter search with optuna: each trial is a real `python -m trainer.train` run.
+
+    python -m trainer.tune --data out/ --job_dir runs/t1 [--search_space search.yaml] \\
+        [--max_trials 20] [--parallel_trials 2] [fixed trainer flags, e.g. --num_epochs 5]
+
+The search space is the same YAML file `trainer.cloud tune` sends to Vertex AI (default: the
+book's). Algorithms: bayesian (optuna's TPE), grid, random. With `early_stopping: true`, a
+median pruner stops a trial whose per-epoch val_accuracy (read from the trainer's epochs.jsonl)
+trails the median of earlier trials at the same epoch.
+
+The job dir holds:
+  study.db                the optuna study (SQLite): rerunning the command resumes it
+  trials/<n>/             trial n's own trainer job dir (and train.log, its output)
+  results.csv, best_trial.json, accuracy_vs_params.png   (see trainer.tune_results)
+
+Resuming: trials that were running when the tuner died are marked failed and queued again with
+the same parameters *and the same trial folder*, so the trainer resumes them from its backup.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from trainer import tune_results
+from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
+                                  load_search_space, to_trial_flags)
+
+STUDY_FILE = "study.db"
+STUDY_NAME = "tune"
+TRIALS_DIR = "trials"
+TRAINER_LOG = "train.log"
+EPOCH_LOG_FILE = "epochs.jsonl"  # = trainer.callbacks.EPOCH_LOG_FILE (not imported: it loads TensorFlow)
+METRICS_FILE = "metrics.json"  # = trainer.train.METRICS_FILE
+PRUNER_STARTUP_TRIALS = 4  # finished trials before any pruning: a median of fewer is noise
+PRUNER_WARMUP_EPOCHS = 1  # never judge a trial on its first epoch alone
+USAGE_ERROR = 2  # argparse's exit code: the flags are wrong, so every trial would fail the same way
+
+
+class TuneError(RuntimeError):
+    """Tuning cannot start or continue; the message names the file, flag or trial."""
+
+
+class TuneInterrupted(TuneError):
+    """Stopped by a signal; the results so far are written and a rerun resumes."""
+
+
+class TrialFailed(RuntimeError):
+    """One trial's trainer failed; the study records it and goes on."""
+
+
+class TrialInterrupted(RuntimeError):
+    """The tuner is stopping (Ctrl-C, SIGTERM); the trial is run again, in its folder, on resume."""
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.tune", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other flag is passed unchanged to every trial's trainer.")
+    p.add_argument("--data", required=True, help="ETL output folder")
+    p.add_argument("--job_dir", "--job-dir", dest="job_dir", required=True, help="tuning folder; rerun to resume")
+    p.add_argument("--search_space", default=None, help="YAML search space; default: the book's")
+    p.add_argument("--max_trials", type=int, default=None, help="total budget; default: the search space's")
+    p.add_argument("--parallel_trials", type=int, default=None, help="trainer processes at once; default: the space's")
+    p.add_argument("--algorithm", choices=("bayesian", "grid", "random"), default=None,
+                   help="default: the search space's")
+    p.add_argument("--sampler_seed", type=int, default=0, help="seed of the sampler (the trainer has its own --seed)")
+    p.add_argument("--trainer_module", default="trainer.train", help=argparse.SUPPRESS)  # tests use a fake
+    p.add_argument("--poll_seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    return p
+
+
+def metric_key(space: SearchSpace) -> str:
+    """The metrics.json / epochs.jsonl key that stands for the space's metric locally."""
+    return "val_accuracy" if space.metric == "accuracy" else space.metric
+
+
+def make_sampler(space: SearchSpace, seed: int, parallel: int) -> optuna.samplers.BaseSampler:
+    if space.algorithm == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if space.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: running trials count as bad guesses, so parallel workers do not pick the same point
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=parallel > 1)
+
+
+def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
+    if not space.early_stopping:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict:
+    params = {}
+    for p in space.parameters:
+        if p.type == "double":
+            params[p.name] = trial.suggest_float(p.name, p.min, p.max, log=p.scale == "log")
+        elif p.type == "integer":
+            params[p.name] = trial.suggest_int(p.name, int(p.min), int(p.max), log=p.scale == "log")
+        else:
+            params[p.name] = trial.suggest_categorical(p.name, list(p.values))
+    return params
+
+
+class _SqliteStorage(optuna.storages.RDBStorage):
+    """optuna starts a queued trial with a read-then-write that SQLite does not lock (it ignores
+    SELECT ... FOR UPDATE), so two parallel workers could both start, and run, the same resumed
+    trial. One lock per process makes that step atomic; all workers live in this process."""
+
+    _state_lock = threading.Lock()
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        with self._state_lock:
+            return super().set_trial_state_values(trial_id, state, values)
+
+
+def open_study(job_dir: Path, space: SearchSpace, fixed_flags: list[str], data: str, seed: int,
+               parallel: int) -> optuna.Study:
+    """Creates or reopens the study; refuses to mix a different space or fixed flags into it."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    storage = _SqliteStorage(f"sqlite:///{job_dir / STUDY_FILE}", engine_kwargs={"connect_args": {"timeout": 60}})
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
+                                direction="maximize" if space.goal == "maximize" else "minimize",
+                                sampler=make_sampler(space, seed, parallel), pruner=make_pruner(space))
+    if study.trials:  # resuming: a fresh seed, or a random search would replay the points it already ran
+        study.sampler = make_sampler(space, seed + len(study.trials), parallel)
+    identity = {"parameters": space.to_dict()["parameters"], "metric": space.metric,
+                "algorithm": space.algorithm, "fixed_flags": fixed_flags, "data": data}
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", identity)
+    elif stored != identity:
+        changed = sorted(k for k in identity if stored.get(k) != identity[k])
+        raise TuneError(f"{job_dir} holds a study with other {changed} (stored {[stored.get(k) for k in changed]}, "
+                        f"now {[identity[k] for k in changed]}); rerun with the same ones or use a new --job_dir")
+    return study
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Marks trials left RUNNING by a dead tuner as failed and queues their parameters again, in
+    their own folder, so the trainer resumes them; returns the numbers queued again."""
+    storage = study._storage  # optuna has no public call to fail a trial whose process is gone
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    done = set(study.user_attrs.get("requeued", []))
+    queued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("interrupted") and t.number not in done:
+            folder = t.user_attrs.get("trial_dir")
+            study.enqueue_trial(t.params, user_attrs={"resumes": t.number, **({"trial_dir": folder} if folder else {})})
+            queued.append(t.number)
+            if "grid_id" in t.system_attrs:  # GridSampler needs its grid point on the rerun too
+                waiting = [w for w in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                           if w.user_attrs.get("resumes") == t.number]
+                for key in ("grid_id", "search_space"):
+                    storage.set_trial_system_attr(waiting[-1]._trial_id, key, t.system_attrs[key])
+    if queued:
+        study.set_user_attr("requeued", sorted(done | set(queued)))
+    return queued
+
+
+def trials_spent(study: optuna.Study) -> int:
+    """Finished trials that count against the budget (an interrupted one is run again instead)."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                      TrialState.FAIL))
+               if not t.user_attrs.get("interrupted"))
+
+
+def read_epoch_values(trial_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(epoch, value) pairs the trainer has logged so far; a half-written last line is skipped."""
+    path = trial_dir / EPOCH_LOG_FILE
+    if not path.exists():
+        return []
+    out = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the trainer is rewriting the file right now
+        if key in entry and "epoch" in entry:
+            out[int(entry["epoch"])] = float(entry[key])
+    return sorted(out.items())
+
+
+class TrialRunner:
+    """The optuna objective: runs the trainer in its own folder, reports epochs, prunes, reads metrics."""
+
+    def __init__(self, job_dir: Path, data: str, space: SearchSpace, fixed_flags: list[str],
+                 trainer_module: str, poll_seconds: float):
+        self.job_dir, self.data, self.space, self.fixed_flags = job_dir, data, space, fixed_flags
+        self.trainer_module, self.poll_seconds = trainer_module, poll_seconds
+        self.key = metric_key(space)
+        self.usage_error: str | None = None
+        self.stop = threading.Event()  # set by the signal handler; every trial then winds down
+        self._lock = threading.Lock()
+
+    def command(self, trial_dir: Path, params: dict) -> list[str]:
+        return [sys.executable, "-m", self.trainer_module, f"--data={self.data}", f"--job_dir={trial_dir}",
+                *self.fixed_flags, *to_trial_flags(params)]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.space)
+        trial_dir = Path(trial.user_attrs.get("trial_dir") or self.job_dir / TRIALS_DIR / str(trial.number))
+        trial.set_user_attr("trial_dir", str(trial_dir))
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(trial_dir, params)
+        trial.set_user_attr("command", cmd[1:])
+        with open(trial_dir / TRAINER_LOG, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            try:
+                reported = self._watch(trial, proc, trial_dir)
+            except BaseException as e:
+                if proc.poll() is None:  # pruned, or the tuner is being interrupted
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                if isinstance(e, (TrialInterrupted, KeyboardInterrupt)):
+                    trial.set_user_attr("interrupted", True)
+                raise
+        if proc.returncode != 0 and self.stop.is_set():  # Ctrl-C reaches the trainer too
+            trial.set_user_attr("interrupted", True)
+            raise TrialInterrupted(f"trial {trial.number} interrupted")
+        if proc.returncode != 0:
+            tail = (trial_dir / TRAINER_LOG).read_text(errors="replace").splitlines()[-15:]
+            if proc.returncode == USAGE_ERROR:
+                with self._lock:
+                    self.usage_error = "\n".join(tail)
+            raise TrialFailed(f"trial {trial.number}: trainer exited with {proc.returncode}; "
+                              f"see {trial_dir / TRAINER_LOG}:\n" + "\n".join(tail))
+        metrics_path = trial_dir / METRICS_FILE
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrialFailed(f"trial {trial.number}: no readable {metrics_path}: {e}") from e
+        if self.key not in metrics:
+            raise TrialFailed(f"trial {trial.number}: {metrics_path} has no {self.key!r}: {sorted(metrics)}")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                trial.set_user_attr(f"metric_{name}", value)
+        trial.set_user_attr("epochs_reported", reported)
+        return float(metrics[self.key])
+
+    def _watch(self, trial: optuna.Trial, proc: subprocess.Popen, trial_dir: Path) -> int:
+        """Relays each new epoch's value to optuna until the trainer exits; prunes when told to."""
+        reported = set()
+        while True:
+            if self.stop.is_set():
+                raise TrialInterrupted(f"trial {trial.number} interrupted")
+            finished = proc.poll() is not None
+            for epoch, value in read_epoch_values(trial_dir, self.key):
+                if epoch not in reported:
+                    trial.report(value, epoch)
+                    reported.add(epoch)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"trial {trial.number}: {self.key} {value:.4f} at epoch "
+                                                 f"{epoch + 1} trails the median")
+            if finished:
+                return len(reported)
+            time.sleep(self.poll_seconds)
+
+
+def run(argv: Sequence[str] | None = None) -> optuna.Study:
+    """Runs (or resumes) the search; writes the results; returns the study."""
+    ns, trainer_flags = make_arg_parser().parse_known_args(argv)
+    fixed_flags = join_flag_values(trainer_flags)
+    space = load_search_space(ns.search_space)
+    if ns.algorithm:
+        space = dataclasses.replace(space, algorithm=ns.algorithm)
+    max_trials = ns.max_trials if ns.max_trials is not None else space.max_trials
+    parallel = ns.parallel_trials if ns.parallel_trials is not None else space.parallel_trials
+    if max_trials <= 0 or parallel <= 0:
+        raise TuneError(f"--max_trials and --parallel_trials must be positive, got {max_trials}, {parallel}")
+    if space.algorithm == "grid":
+        max_trials = min(max_trials, space.grid_size())  # a grid has no more points to try
+    check_against_trainer(space, fixed_flags)
+    from trainer.config import parse_config
+    try:
+        parse_config([f"--data={ns.data}", f"--job_dir={ns.job_dir}", *fixed_flags])
+    except SystemExit:
+        raise TuneError(f"the trainer rejects the fixed flags {fixed_flags} (see above)") from None
+
+    job_dir = Path(ns.job_dir)
+    study = open_study(job_dir, space, fixed_flags, ns.data, ns.sampler_seed, parallel)
+    requeued = requeue_interrupted(study)
+    spent = trials_spent(study)
+    remaining = max(0, max_trials - spent)
+    print(f"tune: {spent} trial(s) done, {remaining} to run ({parallel} at a time)"
+          + (f"; resuming interrupted trial(s) {requeued}" if requeued else ""), flush=True)
+    runner = TrialRunner(job_dir, ns.data, space, fixed_flags, ns.trainer_module, ns.poll_seconds)
+
+    def stop_if_asked(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if runner.usage_error or runner.stop.is_set():
+            study_.stop()
+
+    def print_trial(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        print(f"tune: trial {trial.number} {trial.state.name.lower()} {runner.key}={value} {trial.params}",
+              flush=True)
+
+    def request_stop(signum, frame) -> None:
+        print(f"tune: signal {signum}: stopping the running trials; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        runner.stop.set()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    try:
+        if remaining:
+            study.optimize(runner, n_trials=remaining, n_jobs=parallel, catch=(TrialFailed, TrialInterrupted),
+                           callbacks=[stop_if_asked, print_trial], gc_after_trial=False)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if runner.usage_error:
+        raise TuneError(f"the trainer rejected its flags; stopped tuning:\n{runner.usage_error}")
+    tune_results.write_results(study, space, job_dir, runner.key)
+    if runner.stop.is_set():
+        raise TuneInterrupted(f"interrupted; rerun the same command to resume the study in {job_dir}")
+    return study
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
+    try:
+        run()
+    except TuneInterrupted as e:
+        print(f"trainer.tune: {e}", file=sys.stderr)
+        sys.exit(130)  # the shell's code for Ctrl-C
+    except (TuneError, SearchSpaceError) as e:
+        print(f"trainer.tune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

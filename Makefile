@@ -4,25 +4,56 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # The embedded sample (scikit-learn's digits) and where its outputs go.
 SAMPLE_DIR ?= data/sample/digits
 INPUT ?= $(SAMPLE_DIR)/all_data.csv
 LABELS ?= $(if $(findstring $(SAMPLE_DIR),$(INPUT)),$(SAMPLE_DIR)/dict.txt,)
-FORM ?= jpeg
+FORM ?= pixels
 OUTPUT ?= data/out/$(FORM)
 RUNNER ?= DirectRunner
 IMAGE_SIZE ?= 32
 EMBEDDING_MODULE ?=
 ETL_FLAGS ?=
+# Dataflow (RUNNER=DataflowRunner): PROJECT, REGION, BUCKET required; INPUT and OUTPUT on gs://.
+PROJECT ?=
+REGION ?=
+BUCKET ?=
+JOB_NAME ?=
+MAX_WORKERS ?= 10
+WORKER_MACHINE ?=
 
-.PHONY: help install sample etl demo test bench-etl clean
+# Training on the ETL output. The sample's digits are 8x8 strokes: no flips or crops.
+DATA ?= $(OUTPUT)
+JOB_DIR ?= runs/$(FORM)
+STRATEGY ?= auto
+MODEL ?= dnn
+EPOCHS ?= 20
+TRAIN_FLAGS ?= $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--num_hidden 128 --crop_ratio 1.0 --with_flip false --with_color_distort false,)
+
+# Serving the last `make train`.
+EXPORT ?= $(JOB_DIR)/export
+SERVE_FLAGS ?=
+
+# Local tuning on the ETL output.
+TRIALS ?= 8
+PARALLEL ?= 2
+SEARCH_SPACE ?=
+TUNE_DIR ?= runs/tune-$(FORM)
+TUNE_FLAGS ?= --num_epochs 5 --image_size $(IMAGE_SIZE)
+
+.PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve clean
 
 help:
-	@echo "make demo   - install, make the sample, run the ETL end to end"
-	@echo "make test   - install, run the tests"
-	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE=]"
-	@echo "make bench-etl - ETL throughput and memory against this machine's decode+resize limit"
+	@echo "make demo        - install, make the sample, ETL -> train -> export -> predict, end to end"
+	@echo "make test        - install, run the tests"
+	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE= ETL_FLAGS=]"
+	@echo "make etl RUNNER=DataflowRunner PROJECT= REGION= BUCKET= INPUT=gs://... OUTPUT=gs://... [JOB_NAME= MAX_WORKERS= WORKER_MACHINE=]"
+	@echo "make train [STRATEGY=auto|one_device|mirrored|multi_worker|tpu MODEL=linear|dnn|mobilenet DATA= JOB_DIR= EPOCHS= TRAIN_FLAGS=]"
+	@echo "make serve       - serve the last 'make train' export on 127.0.0.1:8501 (TF Serving's REST API)"
+	@echo "make tune [TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
+	@echo "make bench-etl | bench-ingest | bench-serve - throughput against this machine's limits"
 
 install: $(STAMP)
 
@@ -38,19 +69,52 @@ $(SAMPLE_DIR)/all_data.csv: | $(STAMP)
 sample: $(SAMPLE_DIR)/all_data.csv
 
 etl: $(STAMP) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
+	@set -eo pipefail; \
+	if [ "$(RUNNER)" = DataflowRunner ]; then \
+	  runner_flags=$$($(PY) -m etl.dataflow_options --project "$(PROJECT)" --region "$(REGION)" \
+	      --bucket "$(BUCKET)" --job_name "$(JOB_NAME)" --max_workers "$(MAX_WORKERS)" \
+	      --machine_type "$(WORKER_MACHINE)" --input "$(INPUT)" --output "$(OUTPUT)"); \
+	else runner_flags="--runner $(RUNNER)"; fi; \
+	eval "set -- $$runner_flags"; set -x; \
 	$(PY) -m etl --input $(INPUT) $(if $(LABELS),--labels $(LABELS),) --output $(OUTPUT) --form $(FORM) \
 	    --image_size $(IMAGE_SIZE) $(if $(EMBEDDING_MODULE),--embedding_module $(EMBEDDING_MODULE),) \
-	    --runner $(RUNNER) --overwrite $(ETL_FLAGS)
+	    "$$@" --overwrite $(ETL_FLAGS)
 
+train: $(STAMP)
+	test -f $(DATA)/metadata.json || $(MAKE) etl
+	$(PY) -m trainer.train --data $(DATA) --job_dir $(JOB_DIR) --strategy $(STRATEGY) --model $(MODEL) \
+	    --num_epochs $(EPOCHS) $(TRAIN_FLAGS)
+
+serve: $(STAMP)
+	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
+	$(PY) -m trainer.serve --model $(EXPORT) $(SERVE_FLAGS)
+
+tune: $(STAMP)
+	test -f $(OUTPUT)/metadata.json || $(MAKE) etl
+	$(PY) -m trainer.tune --data $(OUTPUT) --job_dir $(TUNE_DIR) $(if $(SEARCH_SPACE),--search_space $(SEARCH_SPACE),) \
+	    --max_trials $(TRIALS) --parallel_trials $(PARALLEL) $(TUNE_FLAGS)
+
+# The main job end to end on the sample: ETL (pixels, 32 px) -> train -> export -> predict.
 demo: sample
-	$(MAKE) etl FORM=jpeg
 	$(MAKE) etl FORM=pixels
+	rm -rf runs/demo
+	$(MAKE) train FORM=pixels JOB_DIR=runs/demo
+	$(PY) -m trainer.predict --model runs/demo/export $$(ls $(SAMPLE_DIR)/*/00[0-9]*.jpg | head -8)
+	@echo "demo: dataset in data/out/pixels, run in runs/demo (metrics.json, training_curves.png, export/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench-etl: $(STAMP)
 	$(PY) -m etl.bench
+
+bench-ingest: $(STAMP)
+	test -f data/out/bench-jpeg/metadata.json || $(MAKE) etl FORM=jpeg OUTPUT=data/out/bench-jpeg IMAGE_SIZE=224
+	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
+
+bench-serve: $(STAMP)
+	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
+	$(PY) -m trainer.bench_serve --model $(EXPORT)
 
 clean:
 	rm -rf data/out runs .pytest_cache

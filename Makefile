@@ -83,7 +83,7 @@ etl: $(STAMP) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 train: $(STAMP)
 	test -f $(DATA)/metadata.json || $(MAKE) etl
 	$(PY) -m trainer.train --data $(DATA) --job_dir $(JOB_DIR) --strategy $(STRATEGY) --model $(MODEL) \
-	    --num_epochs $(EPOCHS) $(TRAIN_FLAGS)
+	    --num_epochs $(EPOCHS) --image_size $(IMAGE_SIZE) $(TRAIN_FLAGS)
 
 serve: $(STAMP)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }

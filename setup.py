@@ -12,6 +12,8 @@ REQUIRED = [
     "tensorflow>=2.21,<2.22",
     "tf-keras>=2.21,<2.22",
     "tensorflow-hub>=0.16.1,<0.17",
+    # TF 2.21 no longer pulls it in, and without it tf.summary (the TensorBoard callback) fails.
+    "tensorboard>=2.20,<3",
     "numpy>=1.26,<3",
     "pillow>=10,<14",
     "matplotlib>=3.8,<4",

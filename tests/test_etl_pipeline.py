@@ -10,6 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from etl import pipeline, publish
+from etl import records as records_lib
 from shared import layout, metadata, preprocess, schema
 from tests import image_factory
 
@@ -126,7 +127,7 @@ def test_split_is_a_function_of_the_uri(tmp_path, class_folder_dataset):
     split_a = {u: r["split"] for u, r in read_records(str(tmp_path / "a"), first).items()}
     split_b = {u: r["split"] for u, r in read_records(str(tmp_path / "b"), second).items()}
     assert split_a == split_b
-    assert len(set(split_a.values())) == 3, "24 images at 80/10/10 should reach every split"
+    assert split_a == {u: records_lib.split_for(u, (80, 10, 10)) for u in split_a}
     ids = {u: r["example_id"] for u, r in read_records(str(tmp_path / "a"), first).items()}
     assert len(set(ids.values())) == len(ids)
 
@@ -173,3 +174,13 @@ def test_output_must_be_empty_unless_overwrite(tmp_path, class_folder_dataset):
     with pytest.raises(publish.OutputNotEmptyError, match="notes.txt"):
         run_etl(class_folder_dataset, out, "--form", "jpeg", "--overwrite")
     assert (out / "notes.txt").read_text() == "mine" and (out / layout.METADATA_FILE).exists()
+
+
+def test_split_hash_follows_the_weights():
+    uris = [f"gs://bucket/images/{i:06d}.jpg" for i in range(20_000)]
+    counts = {s: 0 for s in layout.SPLITS}
+    for u in uris:
+        counts[records_lib.split_for(u, (80, 10, 10))] += 1
+    assert abs(counts["train"] / len(uris) - 0.8) < 0.01
+    assert abs(counts["valid"] / len(uris) - 0.1) < 0.01 and abs(counts["test"] / len(uris) - 0.1) < 0.01
+    assert {records_lib.split_for(u, (1, 0, 0)) for u in uris[:500]} == {"train"}

@@ -1,0 +1,147 @@
+"""tf.data ingest: shapes from the sidecar, exact pixels, sharding across workers, bad data named."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from shared import metadata, preprocess, schema
+from tests import trainer_fixtures as fx
+from trainer import config as config_lib, ingest, train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return fx.make_image_files(str(tmp_path_factory.mktemp("images")), per_class=10)
+
+
+@pytest.fixture(scope="module")
+def pixels_dir(tmp_path_factory, images):
+    out = str(tmp_path_factory.mktemp("pixels"))
+    fx.write_dataset(out, images, "pixels", image_size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory, images):
+    out = str(tmp_path_factory.mktemp("jpeg"))
+    fx.write_dataset(out, images, "jpeg", shards_per_split={"train": 3, "valid": 1, "test": 1})
+    return out
+
+
+def _records(meta, data_dir, split):
+    return [schema.decode_example(meta.features, r.numpy())
+            for r in tf.data.TFRecordDataset(meta.shard_paths(data_dir, split))]
+
+
+def test_eval_pass_is_exact_and_deterministic_pixels(pixels_dir):
+    meta = ingest.load_dataset_metadata(pixels_dir)
+    ds = ingest.make_eval_dataset(meta, pixels_dir, "valid", 5, input_size=32)
+    first = [(x.numpy(), y.numpy()) for x, y in ds]
+    second = [(x.numpy(), y.numpy()) for x, y in ds]
+    x = np.concatenate([b[0] for b in first])
+    y = np.concatenate([b[1] for b in first])
+    assert x.shape == (meta.splits["valid"].num_examples, 32, 32, 3) and y.dtype == np.int64
+    np.testing.assert_array_equal(x, np.concatenate([b[0] for b in second]))
+    records = _records(meta, pixels_dir, "valid")
+    np.testing.assert_array_equal(x, np.stack([r["image"] for r in records]))  # one shard: file order
+    np.testing.assert_array_equal(y, [r["label"] for r in records])
+
+
+def test_jpeg_form_decodes_with_the_shared_function_to_the_padded_size(jpeg_dir):
+    meta = ingest.load_dataset_metadata(jpeg_dir)
+    padded = ingest.input_image_size(meta, image_size=32, crop_ratio=0.5)
+    assert padded == 64
+    x, _ = next(iter(ingest.make_eval_dataset(meta, jpeg_dir, "test", 4, input_size=padded)))
+    records = _records(meta, jpeg_dir, "test")[:4]
+    expected = np.stack([preprocess.preprocess_image(tf.constant(r["image"]), 64).numpy() for r in records])
+    np.testing.assert_array_equal(x.numpy(), expected)
+
+
+def test_train_input_repeats_for_virtual_epochs_and_shuffles(pixels_dir):
+    meta = ingest.load_dataset_metadata(pixels_dir)
+    n = meta.splits["train"].num_examples
+    ds = ingest.make_train_dataset(meta, pixels_dir, 4, input_size=32, seed=1)
+    batches = 3 * n // 4  # about three passes over the data, in full batches
+    labels = np.concatenate([y.numpy() for _, y in ds.take(batches)])
+    assert labels.shape == (batches * 4,) and len(labels) > 2 * n
+    assert ds.options().deterministic is False
+    in_file_order = [r["label"] for r in _records(meta, pixels_dir, "train")]
+    assert list(labels[:n]) != in_file_order, "the first pass came out in file order: no shuffling"
+
+
+def test_cache_gives_the_same_examples(pixels_dir):
+    meta = ingest.load_dataset_metadata(pixels_dir)
+    n = meta.splits["train"].num_examples
+    ds = ingest.make_train_dataset(meta, pixels_dir, n, input_size=32, seed=1, cache=True)
+    x1, _ = next(iter(ds))
+    sums = sorted(np.round(x1.numpy().reshape(n, -1).sum(axis=1), 3))
+    expected = sorted(np.round([r["image"].sum() for r in _records(meta, pixels_dir, "train")], 3))
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train_files", [3, 1])
+def test_workers_read_disjoint_parts_that_cover_the_data(tmp_path, images, train_files):
+    out = str(tmp_path / "d")
+    meta = fx.write_dataset(out, images, "pixels", shards_per_split={"train": train_files, "valid": 1, "test": 1})
+    seen = []
+    for index in range(2):
+        shard = ingest.InputShard(num_workers=2, worker_index=index)
+        ds = ingest.make_eval_dataset(meta, out, "train", 4, input_size=32, shard=shard)
+        seen.append(sorted(float(x.sum()) for batch, _ in ds for x in batch.numpy()))
+    assert not set(seen[0]) & set(seen[1]), "two workers read the same example"
+    assert len(seen[0]) + len(seen[1]) == meta.splits["train"].num_examples
+    assert seen[0] and seen[1], "one worker got nothing"
+
+
+def test_sharding_says_whether_by_file_or_by_record(tmp_path, images, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = str(tmp_path / "d")
+    meta = fx.write_dataset(out, images, "pixels", shards_per_split={"train": 1, "valid": 1, "test": 1})
+    ingest.make_train_dataset(meta, out, 4, input_size=32, seed=0, shard=ingest.InputShard(2, 0))
+    assert "by record (1 files < 2 workers" in caplog.text
+
+
+# --- bad data ------------------------------------------------------------------------------------
+
+def test_missing_sidecar_names_the_file(tmp_path):
+    with pytest.raises(metadata.DatasetError, match=str(tmp_path / "metadata.json")):
+        ingest.load_dataset_metadata(str(tmp_path))
+
+
+def test_sidecar_of_another_schema_version_is_refused(tmp_path, pixels_dir):
+    out = tmp_path / "old"
+    shutil.copytree(pixels_dir, out)
+    body = json.loads((out / "metadata.json").read_text())
+    body["schema_version"] = schema.SCHEMA_VERSION + 1
+    (out / "metadata.json").write_text(json.dumps(body))
+    with pytest.raises(metadata.DatasetError, match=r"metadata.json: schema_version 2"):
+        ingest.load_dataset_metadata(str(out))
+
+
+def test_truncated_shard_is_named_before_training(tmp_path, pixels_dir):
+    out = tmp_path / "cut"
+    shutil.copytree(pixels_dir, out)
+    shard = out / "train-00001-of-00002.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(metadata.DatasetError, match="train-00001-of-00002.tfrecord has .* bytes"):
+        ingest.load_dataset_metadata(str(out))
+
+
+def test_corrupted_shard_fails_training_with_the_file_name(tmp_path, pixels_dir):
+    out = tmp_path / "bad"
+    shutil.copytree(pixels_dir, out)
+    shard = out / "train-00000-of-00002.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, so only reading finds it
+    shard.write_bytes(bytes(data))
+    problems = ingest.find_corrupt_shards(metadata.read_metadata(str(out)), str(out))
+    assert len(problems) == 1 and problems[0].startswith(str(shard)), problems
+    config = config_lib.parse_config(fx.trainer_argv(str(out), str(tmp_path / "run"), num_epochs=1))
+    with pytest.raises(metadata.DatasetError, match=r"corrupt shard\(s\): .*train-00000-of-00002.tfrecord"):
+        train.train_and_export(config)
+    assert not os.path.exists(tmp_path / "run" / "export")

@@ -1,0 +1,87 @@
+"""Saving state: kill -9 mid-run and rerun the same command -> it resumes; state survives the restart."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import trainer_fixtures as fx
+from trainer import callbacks, config as config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pixels_dir(tmp_path_factory):
+    images = fx.make_image_files(str(tmp_path_factory.mktemp("images")), per_class=10)
+    out = str(tmp_path_factory.mktemp("pixels"))
+    fx.write_dataset(out, images, "pixels")
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_during_epoch_2_then_rerun_resumes_and_finishes(tmp_path, pixels_dir):
+    job = str(tmp_path / "run")
+    # Virtual epochs of 1,200 steps (~3-6 s each) give the kill time to land inside epoch 2.
+    argv = fx.trainer_argv(pixels_dir, job, model="dnn", num_epochs=4, num_training_examples=9600, patience=10,
+                           lrate=0.001)
+    command = [sys.executable, "-m", "trainer.train", *argv]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and first.poll() is None:
+            if len(callbacks.read_epoch_log(job)) >= 1 and train._backup_exists(job):
+                break  # epoch 1 is logged and its backup complete: we are in epoch 2
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before it could be killed"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert len(callbacks.read_epoch_log(job)) == 1, "the kill did not land in epoch 2"
+    assert not os.path.exists(os.path.join(job, train.EXPORT_DIR))
+
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming the interrupted run" in second.stderr
+    assert "Epoch 1/4" not in second.stdout and "Epoch 2/4" in second.stdout, second.stdout[-2000:]
+    entries = callbacks.read_epoch_log(job)
+    assert [e["epoch"] for e in entries] == [0, 1, 2, 3]
+    assert entries[0]["pid"] == first.pid and {e["pid"] for e in entries[1:]} == {entries[1]["pid"]} != {first.pid}
+    metrics = json.load(open(os.path.join(job, train.METRICS_FILE)))
+    assert metrics["epochs_run"] == 4
+    assert len(json.load(open(os.path.join(job, train.HISTORY_FILE)))["loss"]) == 4
+    assert os.path.exists(os.path.join(job, train.EXPORT_DIR, "saved_model.pb"))
+
+
+def test_resuming_with_other_flags_is_refused(tmp_path, pixels_dir):
+    job = tmp_path / "run"
+    (job / "backup" / "chief").mkdir(parents=True)  # what an interrupted run leaves: a checkpoint
+    import tensorflow as tf
+
+    tf.train.Checkpoint(v=tf.Variable(1)).save(str(job / "backup" / "chief" / "ckpt"))
+    old = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
+    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
+    new = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job), lrate=0.5))
+    with pytest.raises(ValueError, match=r"other flags .*'lrate': \(0.01, 0.5\)"):
+        train.train_and_export(new)
+
+
+def test_early_stopping_and_best_checkpoint_remember_the_epochs_before_a_restart():
+    previous = [{"epoch": 0, "val_accuracy": 0.5}, {"epoch": 1, "val_accuracy": 0.8},
+                {"epoch": 2, "val_accuracy": 0.7}]
+    stopper = callbacks.ResumableEarlyStopping(patience=2, previous=previous)
+    stopper.on_train_begin()
+    assert (stopper.best, stopper.best_epoch, stopper.wait) == (0.8, 1, 1)
+    assert callbacks.best_so_far(previous) == 0.8  # ModelCheckpoint's threshold: a worse epoch cannot overwrite
+
+
+def test_flags_accept_hyphenated_job_dir_and_true_false_values(tmp_path):
+    config = config_lib.parse_config(["--data", "d", "--job-dir", str(tmp_path), "--with_flip", "false",
+                                      "--with_color_distort", "True", "--cache"])
+    assert (config.job_dir, config.with_flip, config.with_color_distort, config.cache) == (str(tmp_path), False, True, True)

@@ -1,0 +1,181 @@
+"""tf.data input for every record form: what the sidecar says is in the shards, as (x, label) batches.
+
+Everything about the records comes from `metadata.json` (through `shared/`): the features,
+the payload's shape, the shard list and counts. `load_dataset_metadata` checks the shards
+against the sidecar before any training starts; `make_train_dataset` and `make_eval_dataset`
+build the pipelines the book's chapter 7 describes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from shared import layout, metadata, preprocess, schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+# The book: "shuffle with a buffer larger than the batch size"; 8 x batch is its choice.
+SHUFFLE_BATCHES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+    """Which part of the data this process reads under multi-worker training (1 worker: all of it)."""
+    num_workers: int = 1
+    worker_index: int = 0
+
+
+def load_dataset_metadata(data_dir: str, splits: tuple[str, ...] = layout.SPLITS) -> metadata.DatasetMetadata:
+    """Reads the sidecar and checks that each listed shard exists with its recorded size.
+
+    Raises metadata.DatasetError (missing, other-version or malformed sidecar; missing or resized
+    shard), with the file's path in the message.
+    """
+    meta = metadata.read_metadata(data_dir)
+    metadata.check_shards(meta, data_dir, splits)
+    for split in ("train", "valid"):  # valid: early stopping and the best checkpoint watch val_accuracy
+        if split not in meta.splits or meta.splits[split].num_examples == 0:
+            raise metadata.DatasetError(f"{layout.join(data_dir, layout.METADATA_FILE)} lists no {split} examples "
+                                        f"(splits: { {k: v.num_examples for k, v in meta.splits.items()} })")
+    return meta
+
+
+def input_image_size(meta: metadata.DatasetMetadata, image_size: int, crop_ratio: float) -> int | None:
+    """Side of the images that enter the Keras model (the padded size the crop is taken from).
+
+    pixels: the sidecar's size. jpeg: `image_size / crop_ratio`, as in the book's trainer.
+    embeddings: None (the model's input is a vector).
+    """
+    if meta.form == "pixels":
+        return int(meta.payload.shape[0])
+    if meta.form == "jpeg":
+        return int(round(image_size / crop_ratio))
+    return None
+
+
+def model_image_size(input_size: int, crop_ratio: float) -> int:
+    """Side of the crop the network sees: the input size times the crop ratio."""
+    return max(1, int(round(input_size * crop_ratio)))
+
+
+def make_decode_fn(meta: metadata.DatasetMetadata, input_size: int | None):
+    """Batch of serialized records -> (x, label): parses with the shared schema, then for the jpeg
+    form decodes and resizes each image with the shared preprocessing function."""
+    payload = meta.payload.name
+    features = meta.features
+    num_classes = len(meta.class_names)
+
+    def decode(serialized):
+        parsed = schema.parse_batch(features, serialized)
+        x = parsed[payload]
+        if meta.form == "jpeg":
+            x = preprocess.preprocess_batch(x, input_size)
+        label = parsed["label"]
+        tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64),
+                                 message=f"a label is >= the sidecar's {num_classes} class names")
+        return x, label
+
+    return decode
+
+
+def _read_records(files: list[str], shard: InputShard, shuffle_seed: int | None, repeat: bool,
+                  deterministic: bool) -> tuple[tf.data.Dataset, str]:
+    """Interleaved records from `files`, sharded for this worker; returns (dataset, how it was sharded)."""
+    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    how = "none (1 worker)"
+    by_file = shard.num_workers > 1 and len(files) >= shard.num_workers
+    if by_file:
+        # Before the shuffle: each worker keeps its own files for the whole run.
+        file_ds = file_ds.shard(shard.num_workers, shard.worker_index)
+        how = f"by file ({len(files)} files over {shard.num_workers} workers)"
+    if shuffle_seed is not None:
+        # Same seed on every worker: a new file order each pass, reproducible.
+        file_ds = file_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if repeat:
+        file_ds = file_ds.repeat()
+    records = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(files), 8)),
+                                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if shard.num_workers > 1 and not by_file:
+        records = records.shard(shard.num_workers, shard.worker_index)
+        how = f"by record ({len(files)} files < {shard.num_workers} workers: each reads all, keeps 1/{shard.num_workers})"
+    return records, how
+
+
+def _with_options(ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # We shard explicitly (above); Keras must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def make_train_dataset(meta: metadata.DatasetMetadata, data_dir: str, batch_size: int, *,
+                       input_size: int | None, seed: int, cache: bool = False, drop_remainder: bool = False,
+                       shard: InputShard = InputShard(), split: str = "train") -> tf.data.Dataset:
+    """Endless (x, label) batches for `model.fit(steps_per_epoch=...)` (virtual epochs).
+
+    `batch_size` is what this process's pipeline batches: the global batch size; Keras splits
+    it across the replicas. Order is not deterministic (faster); augmentation runs in the model.
+    """
+    files = meta.shard_paths(data_dir, split)
+    decode = make_decode_fn(meta, input_size)
+    shuffle_buffer = SHUFFLE_BATCHES * batch_size
+    if cache:
+        # Cache decoded examples: later passes skip reading and decoding; shuffling stays per pass.
+        side = input_size or 1
+        per_example = 4 * (int(np.prod(meta.payload.shape)) if meta.form != "jpeg" else side * side * 3)
+        logging.info("--cache holds ~%.1f GB of decoded %s examples in memory",
+                     per_example * count_examples(meta, split) / shard.num_workers / 1e9, meta.form)
+        records, how = _read_records(files, shard, shuffle_seed=None, repeat=False, deterministic=False)
+        ds = (records.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=False)
+              .unbatch().cache()
+              .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+              .batch(batch_size, drop_remainder=drop_remainder))
+    else:
+        records, how = _read_records(files, shard, shuffle_seed=seed, repeat=True, deterministic=False)
+        ds = (records.shuffle(shuffle_buffer, seed=seed)
+              .batch(batch_size, drop_remainder=drop_remainder)
+              .map(decode, num_parallel_calls=AUTOTUNE, deterministic=False))
+    logging.info("train input: %d files, shuffle buffer %d, sharding %s, cache %s", len(files), shuffle_buffer, how, cache)
+    return _with_options(ds.prefetch(AUTOTUNE), deterministic=False)
+
+
+def make_eval_dataset(meta: metadata.DatasetMetadata, data_dir: str, split: str, batch_size: int, *,
+                      input_size: int | None, drop_remainder: bool = False,
+                      shard: InputShard = InputShard()) -> tf.data.Dataset:
+    """One deterministic pass over `split` as (x, label) batches, in shard order."""
+    files = meta.shard_paths(data_dir, split)
+    records, _ = _read_records(files, shard, shuffle_seed=None, repeat=False, deterministic=True)
+    ds = (records.batch(batch_size, drop_remainder=drop_remainder)
+          .map(make_decode_fn(meta, input_size), num_parallel_calls=AUTOTUNE, deterministic=True))
+    return _with_options(ds.prefetch(AUTOTUNE), deterministic=True)
+
+
+def count_examples(meta: metadata.DatasetMetadata, split: str) -> int:
+    return meta.splits[split].num_examples if split in meta.splits else 0
+
+
+def find_corrupt_shards(meta: metadata.DatasetMetadata, data_dir: str,
+                        splits: tuple[str, ...] = layout.SPLITS) -> list[str]:
+    """Reads every shard (CRC-checked) and parses its records; returns one line per bad file.
+
+    Run only after a read failed: TFRecordDataset's "corrupted record at N" does not say which file.
+    """
+    problems = []
+    for split in splits:
+        if split not in meta.splits:
+            continue
+        for info, path in zip(meta.splits[split].shards, meta.shard_paths(data_dir, split)):
+            count = 0
+            try:
+                for batch in tf.data.TFRecordDataset(path).batch(256):
+                    schema.parse_batch(meta.features, batch)
+                    count += int(batch.shape[0])
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+                problems.append(f"{path}: {type(e).__name__} after {count} records: {e.message.splitlines()[0]}")
+                continue
+            if count != info.num_examples:
+                problems.append(f"{path}: {count} records, but {layout.METADATA_FILE} records {info.num_examples}")
+    return problems

@@ -1,0 +1,201 @@
+"""`python -m trainer.train --data DIR --job_dir RUN`: train, keep the best weights, export, report.
+
+The run folder holds everything, so rerunning the same command resumes a crashed run (and
+returns the metrics of a finished one):
+  config.json        the flags and what was derived from them and the data
+  epochs.jsonl       one line per finished epoch (survives restarts); history.json at the end
+  checkpoints/       the best weights by val_accuracy       backup/   BackupAndRestore's state
+  logs/              TensorBoard                           training_curves.png
+  metrics.json       validation and test accuracy of the exported weights
+  export/            the SavedModel (see trainer.export)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import tensorflow as tf
+import tf_keras as keras
+
+from shared import layout, metadata
+from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots,
+                     strategy as strategy_lib)
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+CURVES_FILE = "training_curves.png"
+EXPORT_DIR = "export"
+TPU_STEPS_PER_EXECUTION = 32  # the book's value: batches sent to the TPU per call
+
+
+def resolve_model_spec(config: config_lib.TrainConfig, meta: metadata.DatasetMetadata) -> models.ModelSpec:
+    """Model kind and shapes from the flags and the sidecar (no shape is typed twice)."""
+    common = dict(num_classes=len(meta.class_names), num_hidden=config.num_hidden, l1=config.l1, l2=config.l2,
+                  hub_handle=config.hub_handle)
+    if meta.form == "embeddings":
+        if config.model != "dnn":
+            logging.warning("--model %s ignored: the embeddings form always trains a dense head", config.model)
+        return models.ModelSpec(models.EMBEDDINGS_HEAD, input_size=None, model_size=None,
+                                embedding_size=int(meta.payload.shape[0]), with_flip=False,
+                                with_color_distort=False, **common)
+    input_size = ingest.input_image_size(meta, config.image_size, config.crop_ratio)
+    model_size = config.image_size if meta.form == "jpeg" else ingest.model_image_size(input_size, config.crop_ratio)
+    return models.ModelSpec(config.model, input_size=input_size, model_size=model_size,
+                            with_flip=config.with_flip, with_color_distort=config.with_color_distort, **common)
+
+
+def _backup_exists(job_dir: str) -> bool:
+    """Whether BackupAndRestore left a complete checkpoint (its manager writes to backup/chief)."""
+    return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief")) is not None
+
+
+def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: bool, is_chief: bool) -> None:
+    """Refuses to resume a run with other flags; writes config.json; clears a stale epoch log."""
+    path = os.path.join(config.job_dir, CONFIG_FILE)
+    if resuming and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            old = json.load(f).get("flags", {})
+        new = dataclasses.asdict(config)
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"{config.job_dir} holds a run with other flags (old, new): {changed}; "
+                             "rerun with the same flags to resume, or use another --job_dir")
+    if not is_chief:
+        return
+    tf.io.gfile.makedirs(config.job_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps({"flags": dataclasses.asdict(config), "resolved": resolved}, indent=2) + "\n")
+    log_path = os.path.join(config.job_dir, callbacks.EPOCH_LOG_FILE)
+    if not resuming and tf.io.gfile.exists(log_path):
+        tf.io.gfile.remove(log_path)  # a previous run that finished training but not its export
+
+
+def _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta):
+    try:
+        return model.fit(train_ds, validation_data=valid_ds, epochs=config.num_epochs,
+                         steps_per_epoch=steps_per_epoch, callbacks=cbs, verbose=2)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        bad = ingest.find_corrupt_shards(meta, config.data, ("train", "valid"))
+        if bad:
+            raise metadata.DatasetError("corrupt shard(s): " + "; ".join(bad)) from e
+        raise
+
+
+def evaluate_best(spec: models.ModelSpec, meta: metadata.DatasetMetadata, config: config_lib.TrainConfig,
+                  input_size: int | None) -> tuple[object, dict]:
+    """A plain (undistributed) copy of the model with the best checkpoint's weights, and its accuracy
+    on the validation and test splits: the exported weights are the ones measured."""
+    model = models.build_model(spec)
+    checkpoint = os.path.join(config.job_dir, callbacks.BEST_WEIGHTS)
+    if not tf.io.gfile.exists(checkpoint + ".index"):
+        raise FileNotFoundError(f"{checkpoint}.index does not exist: no epoch finished with a {callbacks.MONITOR}")
+    model.load_weights(checkpoint).expect_partial()  # the optimiser's slots are not needed to predict
+    models.compile_model(model, config.lrate)
+    metrics = {}
+    for split, prefix in (("valid", "val_"), ("test", "test_")):
+        if ingest.count_examples(meta, split):
+            ds = ingest.make_eval_dataset(meta, config.data, split, config.batch_size, input_size=input_size)
+            loss, accuracy = model.evaluate(ds, verbose=0)
+            metrics[prefix + "loss"], metrics[prefix + "accuracy"] = float(loss), float(accuracy)
+            metrics[prefix + "examples"] = ingest.count_examples(meta, split)
+    return model, metrics
+
+
+def train_and_export(config: config_lib.TrainConfig) -> dict:
+    """Trains per `config`, exports the best weights to `<job_dir>/export`, returns the metrics.
+
+    On a non-chief worker it trains and returns {} (the chief measures, writes and exports).
+    """
+    placement = strategy_lib.get_strategy(config.strategy)  # first: multi-worker must start before other TF work
+    metrics_path = os.path.join(config.job_dir, METRICS_FILE)
+    if tf.io.gfile.exists(metrics_path) and tf.io.gfile.exists(os.path.join(config.job_dir, EXPORT_DIR, "saved_model.pb")):
+        # Every worker sees this, so none of them starts training alone (it would wait for the others).
+        logging.info("%s is a finished run; returning its metrics", config.job_dir)
+        with tf.io.gfile.GFile(metrics_path) as f:
+            return json.load(f) if placement.is_chief else {}
+
+    meta = ingest.load_dataset_metadata(config.data)
+    spec = resolve_model_spec(config, meta)
+    if config.batch_size % placement.num_replicas:
+        raise ValueError(f"Batch size ({config.batch_size}) must be divisible by the number of replicas "
+                         f"({placement.num_replicas}) of strategy {placement.name}")
+    num_train = config.num_training_examples or meta.splits["train"].num_examples
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    on_tpu = placement.name == "tpu"
+    resuming = _backup_exists(config.job_dir)
+    resolved = {"strategy": placement.name, "num_replicas": placement.num_replicas,
+                "global_batch_size": config.batch_size,
+                "per_replica_batch_size": config.batch_size // placement.num_replicas,
+                "num_workers": placement.shard.num_workers, "form": meta.form, "model": spec.kind,
+                "input_size": spec.input_size, "model_size": spec.model_size, "embedding_size": spec.embedding_size,
+                "num_classes": spec.num_classes, "steps_per_epoch": steps_per_epoch,
+                "virtual_epoch_examples": steps_per_epoch * config.batch_size,
+                "train_examples_in_data": meta.splits["train"].num_examples}
+    logging.info("strategy %s: global batch size %d = %d replicas x %d per replica, %d worker(s)",
+                 placement.name, config.batch_size, placement.num_replicas, resolved["per_replica_batch_size"],
+                 placement.shard.num_workers)
+    logging.info("resolved: %s", json.dumps(resolved))
+    _prepare_job_dir(config, resolved, resuming, placement.is_chief)
+    if resuming:
+        logging.info("%s/backup exists: resuming the interrupted run", config.job_dir)
+
+    train_ds = ingest.make_train_dataset(meta, config.data, config.batch_size, input_size=spec.input_size,
+                                         seed=config.seed, cache=config.cache, drop_remainder=on_tpu,
+                                         shard=placement.shard)
+    valid_ds = ingest.make_eval_dataset(meta, config.data, "valid", config.batch_size, input_size=spec.input_size,
+                                        drop_remainder=on_tpu, shard=placement.shard)
+    keras.utils.set_random_seed(config.seed)  # initialisation and augmentation draws
+    with placement.strategy.scope():
+        model = models.build_model(spec)
+        models.compile_model(model, config.lrate, TPU_STEPS_PER_EXECUTION if on_tpu else 1)
+    cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, resuming)
+    start = time.time()
+    _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta)
+    logging.info("training took %.1f s", time.time() - start)
+    if not placement.is_chief:
+        return {}
+
+    entries = callbacks.read_epoch_log(config.job_dir)
+    history = callbacks.history_from_log(entries)
+    best = max(entries, key=lambda e: e.get(callbacks.MONITOR, float("-inf")))
+    export_model, metrics = evaluate_best(spec, meta, config, spec.input_size)
+    metrics.update({"best_epoch": best["epoch"] + 1, "best_epoch_val_accuracy": best.get(callbacks.MONITOR),
+                    "epochs_run": len(entries), "model": spec.kind, "form": meta.form})
+    with tf.io.gfile.GFile(os.path.join(config.job_dir, HISTORY_FILE), "w") as f:
+        f.write(json.dumps(history, indent=2) + "\n")
+    plots.plot_training_curves(history, os.path.join(config.job_dir, CURVES_FILE),
+                               title=f"{spec.kind} on {meta.form} ({os.path.basename(config.data.rstrip('/'))})")
+    with tf.io.gfile.GFile(layout.join(config.data, layout.METADATA_FILE)) as f:
+        sidecar_json = f.read()
+    export.export_model(export_model, meta, os.path.join(config.job_dir, EXPORT_DIR), input_size=spec.input_size,
+                        dataset_sidecar_json=sidecar_json,
+                        train_info={"flags": dataclasses.asdict(config), "resolved": resolved, "metrics": metrics})
+    # The trial's result under Vertex AI tuning (a no-op elsewhere): the exported weights' accuracy.
+    hypertune_report.report_metric(metrics.get("val_accuracy", float("nan")), metrics["epochs_run"])
+    # metrics.json last: its presence (with the export) marks a finished run.
+    with tf.io.gfile.GFile(metrics_path, "w") as f:
+        f.write(json.dumps(metrics, indent=2) + "\n")
+    logging.info("metrics of the exported weights: %s", json.dumps(metrics))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    config = config_lib.parse_config(argv)
+    logging.info("config: %s", config.to_json().replace("\n", " "))
+    try:
+        train_and_export(config)
+    except (metadata.DatasetError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

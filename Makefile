@@ -108,8 +108,11 @@ test: $(STAMP)
 bench-etl: $(STAMP)
 	$(PY) -m etl.bench
 
+# The ingest benchmark reads the jpeg form of photo-like images (the ETL benchmark's corpus).
 bench-ingest: $(STAMP)
-	test -f data/out/bench-jpeg/metadata.json || $(MAKE) etl FORM=jpeg OUTPUT=data/out/bench-jpeg IMAGE_SIZE=224
+	test -f data/out/bench-jpeg/metadata.json || { \
+	  $(PY) -c "from etl.bench import write_corpus; write_corpus('data/bench/photos', 1200)" && \
+	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --overwrite; }
 	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
 
 bench-serve: $(STAMP)
@@ -117,4 +120,4 @@ bench-serve: $(STAMP)
 	$(PY) -m trainer.bench_serve --model $(EXPORT)
 
 clean:
-	rm -rf data/out runs .pytest_cache
+	rm -rf data/out data/bench runs .pytest_cache

@@ -99,8 +99,9 @@ demo: sample
 	$(MAKE) etl FORM=pixels
 	rm -rf runs/demo
 	$(MAKE) train FORM=pixels JOB_DIR=runs/demo
-	$(PY) -m trainer.predict --model runs/demo/export $$(ls $(SAMPLE_DIR)/*/00[0-9]*.jpg | head -8)
-	@echo "demo: dataset in data/out/pixels, run in runs/demo (metrics.json, training_curves.png, export/)"
+	$(PY) -m trainer.predict --model runs/demo/export --grid runs/demo/predictions.png \
+	    $$(for d in $(SAMPLE_DIR)/*/; do ls $$d*.jpg | tail -1; done)
+	@echo "demo: dataset in data/out/pixels; run in runs/demo: metrics.json, training_curves.png, predictions.png, export/"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

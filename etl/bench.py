@@ -148,6 +148,29 @@ def book_baseline(paths: list[str], size: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def disk_write_limit(folder: str, megabytes: int = 1024) -> float:
+    """Bytes/s of one sequential write, fsync included: the ceiling for writing records."""
+    path = os.path.join(folder, "disk-probe.bin")
+    chunk = os.urandom(8 * 2 ** 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(megabytes // 8):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    os.remove(path)
+    return megabytes * 2 ** 20 / seconds
+
+
+def mean_record_bytes(out_dir: str) -> float:
+    import json
+
+    with open(os.path.join(out_dir, "metadata.json")) as f:
+        splits = json.load(f)["splits"].values()
+    return sum(sh["num_bytes"] for s in splits for sh in s["shards"]) / max(1, sum(s["num_examples"] for s in splits))
+
+
 def build_default_sized_module(folder: str) -> str:
     """MobileNetV2 at 224 px with random weights: the default module's cost, without a download."""
     from etl.embeddings import save_random_mobilenet
@@ -174,18 +197,25 @@ def main(argv=None) -> None:
     baseline = book_baseline(paths[:60], args.image_size)
     print(f"decode+resize limit (tf.data, all cores, {args.image_size} px): {limit:8.1f} images/s")
     print(f"book's way (eager per element, FloatList):      {baseline:8.1f} images/s")
+    disk = disk_write_limit(work)
+    print(f"disk, one sequential write with fsync:          {disk / 2 ** 20:8.1f} MB/s (each record is written "
+          "twice: staged, then copied into its shard)")
     forms = args.forms.split(",")
     module = build_default_sized_module(work) if "embeddings" in forms else None
-    print(f"\n| form | workers | wall s | images/s end to end | steady images/s | vs limit | vs book | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| form | workers | wall s | images/s end to end | steady images/s | vs decode limit | record KB | "
+          "I/O limit images/s | vs min(limits) | vs book | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for form in forms:
         for workers in [int(w) for w in args.workers.split(",")]:
             out = os.path.join(work, f"out-{form}-{workers}")
             _, fixed, _ = run_measured(etl_argv(small, out + "-small", form, workers, args.image_size, module))
             wall, inside, peak = run_measured(etl_argv(corpus, out, form, workers, args.image_size, module))
             steady = (len(paths) - n_small) / max(inside - fixed, 1e-6)
-            print(f"| {form} | {workers} | {wall:.1f} | {len(paths) / wall:.1f} | {steady:.1f} | "
-                  f"{steady / limit:.0%} | {steady / baseline:.0f}x | {peak / 2 ** 30:.2f} GB |", flush=True)
+            record = mean_record_bytes(out)
+            io_limit = disk / (2 * record)
+            print(f"| {form} | {workers} | {wall:.1f} | {len(paths) / wall:.1f} | {steady:.1f} | {steady / limit:.0%} | "
+                  f"{record / 1024:.1f} | {io_limit:.0f} | {steady / min(limit, io_limit):.0%} | "
+                  f"{steady / baseline:.0f}x | {peak / 2 ** 30:.2f} GB |", flush=True)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(out + "-small", ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -109,6 +109,8 @@ def list_class_folders(root: str) -> list[Row]:
     """Rows for `root/<class>/<file>`; files beside the class folders (README, dict.txt) and
     hidden files (.DS_Store) are not inputs."""
     root = root.rstrip("/")
+    if "://" not in root:
+        root = os.path.abspath(root)  # rows are read later, relative to another folder
     matches = FileSystems.match([root + "/*/*"])[0].metadata_list
     rows = []
     for m in matches:
@@ -140,7 +142,7 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None):
     input) is read instead of `input_path` when given."""
     csv_path = rows_csv or input_path
     header = detect_header(csv_path)
-    csv_dir = posixpath.dirname(csv_path) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
     parsed = (pbegin
               | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True)
               | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header).with_outputs("rejects", main="rows"))

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from etl import embeddings, inputs, publish, records, sharding
 from etl.options import EtlConfig, parse_etl_args
@@ -139,10 +140,10 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
         module = embeddings.describe_module(config.embedding_module, config.image_size)
     class_names = inputs.read_labels_file(config.labels) if config.labels else None
     options = PipelineOptions(beam_args)
-    if not options.view_as(StandardOptions).runner:
-        # Beam 2.7x would try to download its Prism runner first; the DirectRunner needs no network.
-        options.view_as(StandardOptions).runner = "DirectRunner"
-    runner = options.view_as(StandardOptions).runner
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    # The DirectRunner of Beam 2.7x first tries to download its Prism runner (no network here),
+    # then falls back to the FnApiRunner; go there directly (it honours --direct_num_workers).
+    local_runner = FnApiRunner() if runner in ("DirectRunner", "SwitchingDirectRunner") else None
     temp_dir = publish.prepare_output(config.output, config.overwrite)
     try:
         rows_csv = None
@@ -152,7 +153,7 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
             inputs.write_rows_csv(folder_rows, rows_csv)
         features = make_features(config, module)
         logging.info("ETL %s -> %s, form %s, runner %s", config.input, config.output, config.form, runner)
-        with beam.Pipeline(options=options) as p:
+        with beam.Pipeline(runner=local_runner, options=options) as p:
             build_pipeline(p, config, temp_dir, features, module, class_names, rows_csv)
         staged = publish.read_staged_results(temp_dir)
         try:

@@ -184,3 +184,10 @@ def test_split_hash_follows_the_weights():
     assert abs(counts["train"] / len(uris) - 0.8) < 0.01
     assert abs(counts["valid"] / len(uris) - 0.1) < 0.01 and abs(counts["test"] / len(uris) - 0.1) < 0.01
     assert {records_lib.split_for(u, (1, 0, 0)) for u in uris[:500]} == {"train"}
+
+
+def test_relative_input_and_output_paths(tmp_path, class_folder_dataset, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # class_folder_dataset is tmp_path/images
+    meta = pipeline.run(["--input", "images", "--output", "out", "--form", "jpeg"])
+    assert sum(meta.splits[s].num_examples for s in layout.SPLITS) == 24
+    assert meta.extra["rejected"]["count"] == 0

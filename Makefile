@@ -109,11 +109,12 @@ test: $(STAMP)
 bench-etl: $(STAMP)
 	$(PY) -m etl.bench
 
-# The ingest benchmark reads the jpeg form of photo-like images (the ETL benchmark's corpus).
+# The ingest benchmark reads the jpeg form of photo-like images (the ETL benchmark's corpus),
+# in 8 shards so that interleaving has files to interleave.
 bench-ingest: $(STAMP)
 	test -f data/out/bench-jpeg/metadata.json || { \
 	  $(PY) -c "from etl.bench import write_corpus; write_corpus('data/bench/photos', 1200)" && \
-	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --overwrite; }
+	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --min_shards 8 --overwrite; }
 	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
 
 bench-serve: $(STAMP)

@@ -80,6 +80,30 @@ def make_decode_fn(meta: metadata.DatasetMetadata, input_size: int | None):
     return decode
 
 
+def _to_batches(records: tf.data.Dataset, meta: metadata.DatasetMetadata, input_size: int | None,
+                batch_size: int, drop_remainder: bool, deterministic: bool) -> tf.data.Dataset:
+    """Serialized records -> (x, label) batches.
+
+    jpeg: each record is parsed and decoded in a parallel map, then batched: decoding dominates,
+    and tf.map_fn over a batch decoded 2.5x slower (504 vs 1,244 images/s, 2 cores). Other forms:
+    batch first, then parse the whole batch at once.
+    """
+    if meta.form != "jpeg":
+        return (records.batch(batch_size, drop_remainder=drop_remainder)
+                .map(make_decode_fn(meta, input_size), num_parallel_calls=AUTOTUNE, deterministic=deterministic))
+    features, payload, num_classes = meta.features, meta.payload.name, len(meta.class_names)
+
+    def decode_one(serialized):
+        parsed = schema.parse_batch(features, serialized[tf.newaxis])
+        label = parsed["label"][0]
+        tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64),
+                                 message=f"a label is >= the sidecar's {num_classes} class names")
+        return preprocess.preprocess_image(parsed[payload][0], input_size), label
+
+    return (records.map(decode_one, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            .batch(batch_size, drop_remainder=drop_remainder))
+
+
 def _read_records(files: list[str], shard: InputShard, shuffle_seed: int | None, repeat: bool,
                   deterministic: bool) -> tuple[tf.data.Dataset, str]:
     """Interleaved records from `files`, sharded for this worker; returns (dataset, how it was sharded)."""
@@ -120,7 +144,6 @@ def make_train_dataset(meta: metadata.DatasetMetadata, data_dir: str, batch_size
     it across the replicas. Order is not deterministic (faster); augmentation runs in the model.
     """
     files = meta.shard_paths(data_dir, split)
-    decode = make_decode_fn(meta, input_size)
     shuffle_buffer = SHUFFLE_BATCHES * batch_size
     if cache:
         # Cache decoded examples: later passes skip reading and decoding; shuffling stays per pass.
@@ -129,15 +152,14 @@ def make_train_dataset(meta: metadata.DatasetMetadata, data_dir: str, batch_size
         logging.info("--cache holds ~%.1f GB of decoded %s examples in memory",
                      per_example * count_examples(meta, split) / shard.num_workers / 1e9, meta.form)
         records, how = _read_records(files, shard, shuffle_seed=None, repeat=False, deterministic=False)
-        ds = (records.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = (_to_batches(records, meta, input_size, batch_size, False, deterministic=False)
               .unbatch().cache()
               .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
               .batch(batch_size, drop_remainder=drop_remainder))
     else:
         records, how = _read_records(files, shard, shuffle_seed=seed, repeat=True, deterministic=False)
-        ds = (records.shuffle(shuffle_buffer, seed=seed)
-              .batch(batch_size, drop_remainder=drop_remainder)
-              .map(decode, num_parallel_calls=AUTOTUNE, deterministic=False))
+        ds = _to_batches(records.shuffle(shuffle_buffer, seed=seed), meta, input_size, batch_size, drop_remainder,
+                         deterministic=False)
     logging.info("train input: %d files, shuffle buffer %d, sharding %s, cache %s", len(files), shuffle_buffer, how, cache)
     return _with_options(ds.prefetch(AUTOTUNE), deterministic=False)
 
@@ -148,8 +170,7 @@ def make_eval_dataset(meta: metadata.DatasetMetadata, data_dir: str, split: str,
     """One deterministic pass over `split` as (x, label) batches, in shard order."""
     files = meta.shard_paths(data_dir, split)
     records, _ = _read_records(files, shard, shuffle_seed=None, repeat=False, deterministic=True)
-    ds = (records.batch(batch_size, drop_remainder=drop_remainder)
-          .map(make_decode_fn(meta, input_size), num_parallel_calls=AUTOTUNE, deterministic=True))
+    ds = _to_batches(records, meta, input_size, batch_size, drop_remainder, deterministic=True)
     return _with_options(ds.prefetch(AUTOTUNE), deterministic=True)
 
 

@@ -41,7 +41,7 @@ TRIALS ?= 8
 PARALLEL ?= 2
 SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
-TUNE_FLAGS ?= --num_epochs 5 --image_size $(IMAGE_SIZE)
+TUNE_FLAGS ?= --num_epochs 5 --image_size $(IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
 
 .PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve clean
 

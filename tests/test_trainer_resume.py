@@ -85,3 +85,12 @@ def test_flags_accept_hyphenated_job_dir_and_true_false_values(tmp_path):
     config = config_lib.parse_config(["--data", "d", "--job-dir", str(tmp_path), "--with_flip", "false",
                                       "--with_color_distort", "True", "--cache"])
     assert (config.job_dir, config.with_flip, config.with_color_distort, config.cache) == (str(tmp_path), False, True, True)
+
+
+@pytest.mark.parametrize("strategy, message", [("tpu", "no TPU resolves"), ("multi_worker", "needs TF_CONFIG")])
+def test_an_unusable_strategy_is_a_one_line_error(tmp_path, capsys, monkeypatch, strategy, message):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    code = train.main(["--data", str(tmp_path / "none"), "--job_dir", str(tmp_path / "run"), "--strategy", strategy])
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

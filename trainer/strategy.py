@@ -34,7 +34,7 @@ def _tpu_strategy() -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)  # wipes the TPU's memory: do it before any work
     except (ValueError, tf.errors.NotFoundError) as e:
-        raise RuntimeError(f"--strategy tpu: no TPU resolves ({e}); use --strategy auto or mirrored") from None
+        raise ValueError(f"--strategy tpu: no TPU resolves ({e}); use --strategy auto or mirrored") from None
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -58,12 +58,12 @@ def _worker_index(resolver) -> tuple[int, int]:
 
 def _multi_worker_placement() -> Placement:
     if "TF_CONFIG" not in os.environ:
-        raise RuntimeError("--strategy multi_worker needs TF_CONFIG (cluster and task); "
+        raise ValueError("--strategy multi_worker needs TF_CONFIG (cluster and task); "
                            "Vertex AI sets it, or see tests/test_trainer_distributed.py for a local one")
     try:
         tf_config = json.loads(os.environ["TF_CONFIG"])
     except json.JSONDecodeError as e:
-        raise RuntimeError(f"TF_CONFIG is not JSON: {e}: {os.environ['TF_CONFIG'][:200]!r}") from None
+        raise ValueError(f"TF_CONFIG is not JSON: {e}: {os.environ['TF_CONFIG'][:200]!r}") from None
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     resolver = strategy.cluster_resolver
     index, count = _worker_index(resolver)

@@ -61,6 +61,14 @@ def png_with_claimed_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_with_claimed_size(width: int, height: int) -> bytes:
+    """A tiny JPEG whose frame header (SOF0) claims width x height."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 def build_embedding_module(path: str, size: int = 32) -> str:
     """A small feature-vector module for tests (see etl.embeddings.save_random_mobilenet)."""
     from etl.embeddings import save_random_mobilenet

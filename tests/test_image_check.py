@@ -1,0 +1,138 @@
+"""The header check that guards every decode (ETL and server): its fast path for plain JPEG and
+PNG must give exactly what PIL gives, and never a smaller size than libjpeg would allocate for."""
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from shared import image_check
+from tests.image_factory import encode, jpeg_with_claimed_size, make_image, png_with_claimed_size
+
+
+def fast_header(data):
+    return image_check._plain_jpeg_header(data) or image_check._plain_png_header(data)
+
+
+def photo(mode="RGB"):
+    return make_image(1, seed=3, size=(40, 30)).convert(mode)
+
+
+def exif_bytes():
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"  # Make
+    return exif.tobytes()
+
+
+# Files the fast path must read itself (the common ones), each compared with PIL.
+FAST_CASES = {
+    "jpeg rgb": lambda: encode(photo(), "JPEG"),
+    "jpeg progressive": lambda: encode(photo(), "JPEG", progressive=True, optimize=True),
+    "jpeg 4:4:4": lambda: encode(photo(), "JPEG", subsampling=0, quality=95),
+    "jpeg gray": lambda: encode(photo("L"), "JPEG"),
+    "jpeg cmyk": lambda: encode(photo("CMYK"), "JPEG"),
+    "jpeg exif": lambda: encode(photo(), "JPEG", exif=exif_bytes()),
+    "jpeg 70 KB icc profile (two APP2 segments)": lambda: encode(photo(), "JPEG", icc_profile=b"\x00" * 70_000),
+    "jpeg restart markers": lambda: encode(photo(), "JPEG", restart_marker_blocks=1),
+    "png rgb": lambda: encode(photo(), "PNG"),
+    "png rgba": lambda: encode(photo("RGBA"), "PNG"),
+    "png gray": lambda: encode(photo("L"), "PNG"),
+    "png gray+alpha": lambda: encode(photo("LA"), "PNG"),
+    "png palette": lambda: encode(photo("P"), "PNG"),
+}
+# Files it must hand to PIL, because PIL names them differently or they are rare.
+PIL_CASES = {
+    "mpo (PIL's format MPO)": lambda: encode(photo(), "MPO", save_all=True, append_images=[photo()]),
+    "png 1-bit": lambda: encode(photo("1"), "PNG"),
+    "png 16-bit": lambda: encode(photo("I;16"), "PNG"),
+    "gif": lambda: encode(photo(), "GIF"),
+    "bmp": lambda: encode(photo(), "BMP"),
+    "webp": lambda: encode(photo(), "WEBP"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_CASES))
+def test_fast_path_reads_common_files_exactly_as_pil(name):
+    data = FAST_CASES[name]()
+    assert fast_header(data) is not None, f"{name} went to PIL"
+    assert fast_header(data) == image_check._pil_header(data)
+    assert image_check.read_header(data) == image_check._pil_header(data)
+
+
+@pytest.mark.parametrize("name", sorted(PIL_CASES))
+def test_other_files_go_to_pil(name):
+    data = PIL_CASES[name]()
+    assert fast_header(data) is None
+    assert image_check.read_header(data) == image_check._pil_header(data)
+
+
+def test_jpeg_size_matches_libjpeg():
+    data = encode(make_image(0, seed=1, size=(123, 45)), "JPEG")
+    header = image_check.read_header(data)
+    assert (header.height, header.width) == tuple(tf.io.extract_jpeg_shape(data).numpy()[:2]) == (45, 123)
+
+
+@pytest.mark.parametrize("make", [jpeg_with_claimed_size, png_with_claimed_size])
+def test_bomb_headers_are_too_large_without_decoding(make):
+    with pytest.raises(image_check.ImageRejected) as e:
+        image_check.read_header(make(60_000, 60_000))
+    assert e.value.reason == "too_large"
+    assert "60000x60000" in e.value.detail
+
+
+def test_a_second_frame_header_does_not_hide_a_bomb():
+    """The fast path stops at the first SOF; libjpeg refuses a file with two, so a large
+    second one can never be decoded."""
+    small = encode(photo(), "JPEG")
+    sof = small.index(b"\xff\xc0")
+    end = sof + 2 + int.from_bytes(small[sof + 2:sof + 4], "big")
+    big_sof = bytearray(small[sof:end])
+    big_sof[5:9] = (60_000).to_bytes(2, "big") * 2
+    data = small[:end] + bytes(big_sof) + small[end:]
+    assert image_check.read_header(data).width == 40
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.extract_jpeg_shape(data)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(data)
+
+
+def test_mutated_jpeg_headers_never_under_report_to_libjpeg():
+    """3,000 random byte changes in the header segments of a JPEG: whenever the fast path gives a
+    size, libjpeg (TensorFlow's decoder) either refuses the file or reads the same size."""
+    original = encode(photo(), "JPEG", exif=exif_bytes())
+    scan = original.index(b"\xff\xda")
+    rng = np.random.default_rng(7)
+    read_fast = 0
+    for _ in range(3000):
+        data = bytearray(original)
+        for position in rng.integers(2, scan + 4, size=rng.integers(1, 4)):
+            data[position] = rng.integers(0, 256)
+        data = bytes(data)
+        header = fast_header(data)
+        if header is None:
+            continue
+        read_fast += 1
+        try:
+            libjpeg = tuple(tf.io.extract_jpeg_shape(data).numpy()[:2])
+        except tf.errors.InvalidArgumentError:
+            continue
+        assert libjpeg == (header.height, header.width), data[:scan].hex()
+    assert read_fast > 300  # the mutants exercised the fast path, not only the fallback
+
+
+def test_any_change_to_png_signature_or_ihdr_goes_to_pil():
+    original = encode(photo(), "PNG")
+    assert image_check._plain_png_header(original) is not None
+    for position in range(33):  # signature, IHDR length, type, data and CRC
+        data = bytearray(original)
+        data[position] ^= 0x10
+        assert image_check._plain_png_header(bytes(data)) is None, position
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n\x00",
+                                  b"\xff\xd8\xff\xc0\x00\x11\x08"])
+def test_truncated_headers_are_not_images(data):
+    with pytest.raises(image_check.ImageRejected) as e:
+        image_check.read_header(data)
+    assert e.value.reason == "not_an_image"

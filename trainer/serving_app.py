@@ -16,8 +16,9 @@ import os
 import threading
 
 import anyio
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from trainer.exported_model import SERVING_SIGNATURE, BatchDecodeError, ExportedModel, load_exported_model
@@ -65,7 +66,7 @@ def make_app(model_path: str, model_name: str = "model", limits: ServingLimits =
 
     @app.post("/v1/models/{name}:predict")
     @app.post("/v1/models/{name}/versions/{version}:predict")
-    async def predict(name: str, request: Request, version: str | None = None) -> JSONResponse:
+    async def predict(name: str, request: Request, version: str | None = None) -> Response:
         check_model(name, version)
         body = await read_body_within(request, limits.max_body_bytes)
 
@@ -78,7 +79,8 @@ def make_app(model_path: str, model_name: str = "model", limits: ServingLimits =
                     raise RequestRejected(400, f"instance {e.index}: {e.detail}") from None
 
         predictions = await anyio.to_thread.run_sync(parse_and_predict)
-        return JSONResponse({"predictions": predictions})
+        # orjson: 4x faster than JSONResponse's json.dumps; FastAPI's own ORJSONResponse is deprecated.
+        return Response(orjson.dumps({"predictions": predictions}), media_type="application/json")
 
     @app.exception_handler(HTTPException)  # unknown paths, wrong methods: TF Serving's {"error"} shape too
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

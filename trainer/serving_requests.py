@@ -10,21 +10,25 @@ instance by index and never echo file contents or where a symlink points.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
-import json
 import os
 import re
 import stat
 import sys
 from typing import Any
 
+# Both C extensions, chosen by measurement on a 32-image request (948 KB of JSON, 320x240 JPEGs):
+# stdlib base64 took 2.5 ms and json 0.61 ms; pybase64 (SIMD) 0.07 ms and orjson 0.30 ms.
+import orjson
+import pybase64
+
 from shared import image_check
 from trainer.exported_model import SERVING_SIGNATURE, prepare_image_bytes
 
 # Any scheme prefix (gs://, http://, file://, s3://): such strings are never paths here.
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_WEB_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +101,8 @@ def parse_predict_request(body: bytes, limits: ServingLimits) -> list[bytes]:
 
 def _read_instances(body: bytes, limits: ServingLimits) -> list[Any]:
     try:
-        request = json.loads(body)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as e:  # also invalid UTF-8 and nesting deeper than 1024
         raise RequestRejected(400, f"the body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(request, dict):
         raise RequestRejected(400, f'the body must be a JSON object {{"instances": [...]}}, got {type(request).__name__}')
@@ -139,8 +143,9 @@ def _decode_b64(index: int, text: Any) -> bytes:
         raise RequestRejected(400, f'instance {index}: "b64" must be a string, got {type(text).__name__}')
     try:
         # Standard or web-safe alphabet (TF Serving takes both); anything else is an error, not skipped.
-        alphabet = b"-_" if ("-" in text or "_" in text) else None
-        return base64.b64decode(text, altchars=alphabet, validate=True)
+        if "-" in text or "_" in text:
+            text = text.translate(_WEB_SAFE_TO_STANDARD)
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestRejected(400, f"instance {index}: invalid base64 ({len(text)} characters): {e}") from None
 

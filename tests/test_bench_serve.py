@@ -1,0 +1,31 @@
+"""The serving benchmark runs end to end against a real server subprocess and prints every row.
+
+Its goals (>= 5x from batching, >= 80% of in-process) are measured by running the tool on an idle
+machine, not asserted here: CI shares its 2 cores with other tests.
+"""
+import pytest
+
+from tests.serving_fixtures import test_export  # noqa: F401
+from trainer import bench_serve
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_measures_server_and_in_process_for_each_caller_count(test_export, tmp_path, capsys):
+    results = bench_serve.run(["--model", test_export, "--seconds", "0.3", "--repeats", "1", "--callers", "1,2",
+                               "--server_log", str(tmp_path / "server.log")])
+    out = capsys.readouterr().out
+    for where in ("server", "in-process"):
+        for batch in (1, 32):
+            for callers in (1, 2):
+                assert results[f"{where}_{batch}_{callers}"] > 0
+    assert out.count("\n| ") == 1 + 4  # the header and one row per (callers, batch)
+    assert results["share_1"] == pytest.approx(results["server_32_1"] / results["in-process_32_1"])
+    assert results["gain_2"] == pytest.approx(results["server_32_2"] / results["server_1_2"])
+    assert out.count("goal, ") == 4
+
+
+def test_synthetic_images_are_photo_sized_jpegs():
+    images = bench_serve.make_synthetic_jpegs(3)
+    assert len(set(images)) == 3 and all(i[:3] == b"\xff\xd8\xff" for i in images)
+    assert 10_000 < sum(map(len, images)) / 3 < 40_000

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import dataclasses
 import http.client
 import io
 import json
 import os
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -69,11 +72,40 @@ def time_loop(call, seconds: float, warmup: int = 3) -> tuple[int, float]:
     return calls, time.perf_counter() - start
 
 
-def calls_per_second(make_call, callers: int, seconds: float) -> float:
-    """Total calls/s of `callers` threads, each calling its own `make_call()` back to back."""
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    calls_per_s: float
+    here_cpu_ms: float  # CPU of this process per call: the model in-process, the load generator for server rows
+    server_cpu_ms: float | None  # CPU of the server process per call (Linux /proc), None in-process or elsewhere
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of process `pid` (from /proc, Linux), or of this process; None if unknown."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(make_call, callers: int, seconds: float, server_pid: int | None = None) -> Rate:
+    """Calls/s of `callers` threads, each calling its own `make_call()` back to back, and the CPU
+    each call cost here and in the server."""
     with concurrent.futures.ThreadPoolExecutor(callers) as pool:
-        results = list(pool.map(lambda _: time_loop(make_call(), seconds), range(callers)))
-    return sum(calls / elapsed for calls, elapsed in results)
+        calls = [make_call() for _ in range(callers)]
+        for call in calls:  # connect and warm up outside the measured window
+            call()
+        here, server = cpu_seconds(), cpu_seconds(server_pid) if server_pid else None
+        results = list(pool.map(lambda call: time_loop(call, seconds, warmup=0), calls))
+        here_cpu = cpu_seconds() - here
+        server_cpu = cpu_seconds(server_pid) - server if server is not None else None
+    total = sum(n for n, _ in results)
+    return Rate(sum(n / elapsed for n, elapsed in results), here_cpu / total * 1e3,
+                None if server_cpu is None else server_cpu / total * 1e3)
 
 
 def make_in_process_call(model_path: str):
@@ -142,8 +174,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the export folder (runs/<run>/export)")
     p.add_argument("--images", default=None, help="folder of .jpg/.png to send (default: synthetic 320x240 JPEGs)")
-    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per row and repeat (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="each row's best of this many runs is printed (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per row and repeat (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rows measured this many times, interleaved; medians are printed (default: %(default)s)")
     p.add_argument("--callers", default=f"1,{os.cpu_count() or 1}",
                    help="comma-separated counts of concurrent callers, each measured for the server (client threads) "
                         "and in-process (calling threads) alike (default: %(default)s, one and one per core)")
@@ -155,7 +188,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     images = read_images(args.images, count) if args.images else make_synthetic_jpegs(count)
     mean_kb = sum(map(len, images)) / len(images) / 1024
     print(f"images: {'synthetic 320x240 JPEG' if not args.images else args.images}, mean {mean_kb:.1f} KB; "
-          f"best of {args.repeats} x {args.seconds:g} s per row; {os.cpu_count()} cores, "
+          f"median of {args.repeats} x {args.seconds:g} s per row; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}; client and server share the machine")
     port = free_port()
     server = start_server(args.model, port, args.server_log)
@@ -167,36 +200,71 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     answer = json.loads(calls["server", count]()())
     if len(answer.get("predictions", [])) != count:
         raise SystemExit(f"error: the server answered {str(answer)[:300]} to {count} instances")
-    best: dict[tuple, float] = {}  # calls/s, the best of --repeats: other load on the machine only slows a row down
+    # Every row is measured once per repeat, server and in-process back to back, and each ratio is
+    # the median of its per-repeat ratios: this VM's speed drifts by +-20% over tens of seconds, and
+    # a ratio of two rows measured seconds apart carries that drift; a paired ratio mostly does not.
+    runs: dict[tuple, list[Rate]] = {}
     try:
-        for _ in range(args.repeats):  # rows interleaved, so a burst of outside load hits one repeat, not one row
+        for _ in range(args.repeats):
             for callers in caller_counts:
                 for batch in BATCH_SIZES:
                     for where in ("server", "in-process"):
-                        rate = calls_per_second(calls[where, batch], callers, args.seconds)
-                        best[where, batch, callers] = max(best.get((where, batch, callers), 0.0), rate)
+                        rate = measure(calls[where, batch], callers, args.seconds,
+                                       server.pid if where == "server" else None)
+                        runs.setdefault((where, batch, callers), []).append(rate)
     finally:
         server.terminate()
         server.wait(30)
 
+    def median_of(values) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    def rate_of(where, batch, callers) -> float:
+        return median_of(r.calls_per_s for r in runs[where, batch, callers])
+
+    def cpu_of(where, batch, callers, side) -> float | None:
+        return median_of(getattr(r, side) for r in runs[where, batch, callers])
+
+    def paired(callers, numerator, denominator) -> float:
+        """Median over repeats of numerator(i) / denominator(i)."""
+        return statistics.median(numerator(i) / denominator(i) for i in range(args.repeats))
+
+    def ms(value: float | None) -> str:
+        return "?" if value is None else f"{value:.2f}"
+
     print("| callers | batch | server requests/s | server images/s | in-process calls/s | in-process images/s "
-          "| server / in-process |")
-    print("|---|---|---|---|---|---|---|")
+          "| server / in-process | CPU ms per call: in-process | server | load generator |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for callers in caller_counts:
         for batch in BATCH_SIZES:
-            server_rate, own_rate = best["server", batch, callers], best["in-process", batch, callers]
-            print(f"| {callers} | {batch} | {server_rate:.1f} | {server_rate * batch:.1f} | {own_rate:.1f} | "
-                  f"{own_rate * batch:.1f} | {server_rate / own_rate:.0%} |")
-    results = {}
+            served, own = runs["server", batch, callers], runs["in-process", batch, callers]
+            share = paired(callers, lambda i: served[i].calls_per_s, lambda i: own[i].calls_per_s)
+            print(f"| {callers} | {batch} | {rate_of('server', batch, callers):.1f} | "
+                  f"{rate_of('server', batch, callers) * batch:.1f} | {rate_of('in-process', batch, callers):.1f} | "
+                  f"{rate_of('in-process', batch, callers) * batch:.1f} | {share:.0%} | "
+                  f"{ms(cpu_of('in-process', batch, callers, 'here_cpu_ms'))} | "
+                  f"{ms(cpu_of('server', batch, callers, 'server_cpu_ms'))} | "
+                  f"{ms(cpu_of('server', batch, callers, 'here_cpu_ms'))} |")
+    results: dict[str, float] = {}
     for callers in caller_counts:
-        gain = best["server", 32, callers] * 32 / best["server", 1, callers]
-        share = best["server", 32, callers] / best["in-process", 32, callers]
+        served_32, served_1, own_32 = (runs["server", 32, callers], runs["server", 1, callers],
+                                       runs["in-process", 32, callers])
+        gain = paired(callers, lambda i: served_32[i].calls_per_s * 32, lambda i: served_1[i].calls_per_s)
+        share = paired(callers, lambda i: served_32[i].calls_per_s, lambda i: own_32[i].calls_per_s)
         results[f"gain_{callers}"], results[f"share_{callers}"] = gain, share
         print(f"goal, {callers} caller(s): a 32-image request gives {gain:.1f}x the images/s of single-image "
               f"requests (goal >= 5x): {'met' if gain >= 5 else 'NOT met'}")
         print(f"goal, {callers} caller(s): the server reaches {share:.0%} of in-process images/s at batch 32 "
               f"(goal >= 80%): {'met' if share >= 0.8 else 'NOT met'}")
-    results.update({f"{where}_{batch}_{callers}": rate * batch for (where, batch, callers), rate in best.items()})
+        model_cpu, server_cpu = cpu_of("in-process", 32, callers, "here_cpu_ms"), cpu_of("server", 32, callers, "server_cpu_ms")
+        if server_cpu is not None:
+            # What the server adds per request in CPU: what a core-bound machine pays for.
+            print(f"  CPU per 32-image request, {callers} caller(s): the model {model_cpu:.1f} ms in-process; the server "
+                  f"{server_cpu:.1f} ms ({server_cpu - model_cpu:+.1f} ms: HTTP, JSON, base64, header checks); the load "
+                  f"generator {cpu_of('server', 32, callers, 'here_cpu_ms'):.1f} ms on the same cores")
+    for (where, batch, callers) in runs:
+        results[f"{where}_{batch}_{callers}"] = rate_of(where, batch, callers) * batch
     return results
 
 

@@ -261,8 +261,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
         if server_cpu is not None:
             # What the server adds per request in CPU: what a core-bound machine pays for.
             print(f"  CPU per 32-image request, {callers} caller(s): the model {model_cpu:.1f} ms in-process; the server "
-                  f"{server_cpu:.1f} ms ({server_cpu - model_cpu:+.1f} ms: HTTP, JSON, base64, header checks); the load "
-                  f"generator {cpu_of('server', 32, callers, 'here_cpu_ms'):.1f} ms on the same cores")
+                  f"{server_cpu:.1f} ms ({server_cpu - model_cpu:+.1f} ms for HTTP, JSON, base64 and header checks, within "
+                  f"this VM's noise); the load generator {cpu_of('server', 32, callers, 'here_cpu_ms'):.1f} ms on the same cores")
     for (where, batch, callers) in runs:
         results[f"{where}_{batch}_{callers}"] = rate_of(where, batch, callers) * batch
     return results

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.image_factory import jpeg_with_claimed_size
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
 from trainer.serving_app import make_app
 from trainer.serving_requests import ServingLimits
@@ -189,6 +190,8 @@ def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
         "not an image": ({"instances": [good, {"b64": b64(b"%PDF-1.4 hello")}]}, 400, "instance 1: not a readable image"),
         "truncated jpeg": ({"instances": [good, good, {"b64": b64(truncated)}]}, 400, "instance 2: the image does not decode"),
         "decompression bomb header": ({"instances": [{"b64": b64(make_bomb_png_header())}]}, 413, "instance 0: 30000x30000"),
+        "jpeg bomb header": ({"instances": [good, {"b64": b64(jpeg_with_claimed_size(40000, 30000))}]}, 413,
+                             "instance 1: 40000x30000"),
         "too many pixels in all": ({"instances": [{"b64": b64(make_bomb_png_header(800, 800))}] * 2}, 413, "per-request"),
         "too many instances": ({"instances": [good] * 9}, 413, "9 instances is over the limit of 8"),
         "predict_filenames signature": ({"signature_name": "predict_filenames", "instances": [good]}, 400, "is not served"),
@@ -220,6 +223,8 @@ def test_oversized_and_non_json_bodies_are_refused(client):
     r = client.post("/v1/models/model:predict", content=chunked())
     assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
     r = client.post("/v1/models/model:predict", content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = client.post("/v1/models/model:predict", content=b'{"instances": [{"b64": "\xff\xfe"}]}')  # not UTF-8
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
     r = client.post("/v1/models/model:predict", content=b"[" * 100_000 + b"]" * 100_000)
     assert r.status_code == 400

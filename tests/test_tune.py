@@ -162,13 +162,16 @@ parameters:
     assert all(t.state == TrialState.COMPLETE for t in best_points)  # the best curves never trail
 
 
-def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, fake_trainer, monkeypatch):
-    monkeypatch.setenv("FAKE_FAIL_BATCH", "32")
-    space = write_space(tmp_path / "s.yaml", """algorithm: grid
+# Three trials in a fixed order, without pruning: for tests about individual trials.
+THREE_BATCH_SIZES = """algorithm: grid
 early_stopping: false
 parameters:
   batch_size: {type: discrete, values: [16, 32, 64]}
-""")
+"""
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, fake_trainer, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_BATCH", "32")
+    space = write_space(tmp_path / "s.yaml", THREE_BATCH_SIZES)
     job = tmp_path / "fail"
     tune.run(tune_argv(job, space, fake_trainer, "--num_epochs", "1", "--parallel_trials", "1"))
     states = {t.params["batch_size"]: t.state for t in load_study(job).get_trials()}
@@ -203,11 +206,7 @@ def _epochs_logged(folder: Path) -> int:
 
 def test_killed_tuner_resumes_the_interrupted_trial_in_its_folder(tmp_path, fake_trainer, monkeypatch):
     monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.15")
-    space = write_space(tmp_path / "s.yaml", """algorithm: grid
-early_stopping: false
-parameters:
-  batch_size: {type: discrete, values: [16, 32, 64]}
-""")
+    space = write_space(tmp_path / "s.yaml", THREE_BATCH_SIZES)
     job = tmp_path / "resume"
     args = ("--num_epochs", "5", "--parallel_trials", "1")
     proc = _start_tuner(job, space, fake_trainer, *args)

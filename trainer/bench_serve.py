@@ -60,10 +60,8 @@ def read_images(folder: str, count: int) -> list[bytes]:
     return [images[i % len(images)] for i in range(count)]
 
 
-def time_loop(call, seconds: float, warmup: int = 3) -> tuple[int, float]:
-    """(calls, elapsed seconds) of calling `call()` repeatedly for about `seconds` after `warmup` calls."""
-    for _ in range(warmup):
-        call()
+def time_loop(call, seconds: float) -> tuple[int, float]:
+    """(calls, elapsed seconds) of calling `call()` repeatedly for about `seconds`."""
     calls = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -100,7 +98,7 @@ def measure(make_call, callers: int, seconds: float, server_pid: int | None = No
         for call in calls:  # connect and warm up outside the measured window
             call()
         here, server = cpu_seconds(), cpu_seconds(server_pid) if server_pid else None
-        results = list(pool.map(lambda call: time_loop(call, seconds, warmup=0), calls))
+        results = list(pool.map(lambda call: time_loop(call, seconds), calls))
         here_cpu = cpu_seconds() - here
         server_cpu = cpu_seconds(server_pid) - server if server is not None else None
     total = sum(n for n, _ in results)
@@ -109,7 +107,7 @@ def measure(make_call, callers: int, seconds: float, server_pid: int | None = No
 
 
 def make_in_process_call(model_path: str):
-    """batch -> a factory of calls of serving_default on `batch` encoded images (model loaded once)."""
+    """Loads the export once; returns images -> a call of its serving_default on those encoded images."""
     import tensorflow as tf
 
     fn = tf.saved_model.load(model_path).signatures["serving_default"]
@@ -226,7 +224,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     def cpu_of(where, batch, callers, side) -> float | None:
         return median_of(getattr(r, side) for r in runs[where, batch, callers])
 
-    def paired(callers, numerator, denominator) -> float:
+    def paired(numerator, denominator) -> float:
         """Median over repeats of numerator(i) / denominator(i)."""
         return statistics.median(numerator(i) / denominator(i) for i in range(args.repeats))
 
@@ -239,7 +237,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     for callers in caller_counts:
         for batch in BATCH_SIZES:
             served, own = runs["server", batch, callers], runs["in-process", batch, callers]
-            share = paired(callers, lambda i: served[i].calls_per_s, lambda i: own[i].calls_per_s)
+            share = paired(lambda i: served[i].calls_per_s, lambda i: own[i].calls_per_s)
             print(f"| {callers} | {batch} | {rate_of('server', batch, callers):.1f} | "
                   f"{rate_of('server', batch, callers) * batch:.1f} | {rate_of('in-process', batch, callers):.1f} | "
                   f"{rate_of('in-process', batch, callers) * batch:.1f} | {share:.0%} | "
@@ -250,8 +248,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     for callers in caller_counts:
         served_32, served_1, own_32 = (runs["server", 32, callers], runs["server", 1, callers],
                                        runs["in-process", 32, callers])
-        gain = paired(callers, lambda i: served_32[i].calls_per_s * 32, lambda i: served_1[i].calls_per_s)
-        share = paired(callers, lambda i: served_32[i].calls_per_s, lambda i: own_32[i].calls_per_s)
+        gain = paired(lambda i: served_32[i].calls_per_s * 32, lambda i: served_1[i].calls_per_s)
+        share = paired(lambda i: served_32[i].calls_per_s, lambda i: own_32[i].calls_per_s)
         results[f"gain_{callers}"], results[f"share_{callers}"] = gain, share
         print(f"goal, {callers} caller(s): a 32-image request gives {gain:.1f}x the images/s of single-image "
               f"requests (goal >= 5x): {'met' if gain >= 5 else 'NOT met'}")

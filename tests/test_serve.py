@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from tests.image_factory import jpeg_with_claimed_size
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
-from trainer.serving_app import make_app
+from trainer.serving_app import make_app, parse_server_timing, server_timing
 from trainer.serving_requests import ServingLimits
 
 SECRET = "SENTINEL-7f3c9b: must never leave the server"
@@ -121,6 +121,27 @@ def test_predict_equals_the_saved_model_called_directly(client, direct, form):
         assert [p["class_name"] for p in predictions[:2]] == ["red", "green"]
     r = client.post("/v1/models/model/versions/1:predict", json={"instances": [wrap(IMAGES[0])]})
     assert_predictions_equal(r.json()["predictions"], direct(IMAGES[:1]))
+
+
+def test_predictions_say_where_their_time_went_in_server_timing(client):
+    r = client.post("/v1/models/model:predict", json={"instances": [{"b64": b64(d)} for d in IMAGES]})
+    assert r.status_code == 200, r.text
+    phases = parse_server_timing(r.headers["server-timing"])
+    assert list(phases) == ["read", "parse", "queue", "model", "total"]
+    assert all(value >= 0 for value in phases.values()) and phases["model"] > 0
+    assert phases["total"] >= phases["read"] + phases["parse"] + phases["queue"] + phases["model"]
+    refused = client.post("/v1/models/model:predict", json={"instances": []})
+    assert refused.status_code == 400 and "server-timing" not in refused.headers  # only answered predictions
+
+
+def test_server_timing_is_written_and_read_by_one_pair_of_functions():
+    header = server_timing({"parse": 0.00065, "model": 0.0101})
+    assert header == "parse;dur=0.650, model;dur=10.100"
+    assert parse_server_timing(header) == {"parse": 0.65, "model": 10.1}
+    # Other servers' forms: descriptions, quoted durations, entries with no duration.
+    assert parse_server_timing('db;desc="Data base";dur="53", cache, app;dur=47.2') == {"db": 53.0, "app": 47.2}
+    with pytest.raises(ValueError, match="'db;dur=fast'"):
+        parse_server_timing("db;dur=fast")
 
 
 def test_web_safe_base64_and_a_non_tf_format_are_accepted(client, direct):

@@ -8,12 +8,19 @@ as TF Serving sends them, so one client works against this server, TF Serving or
 
 TensorFlow calls block, so parsing, checking and predicting run in the threadpool; the event loop
 only reads bodies (counting bytes, so an oversized body is refused before it is all read).
+
+Every prediction carries a W3C `Server-Timing` header (milliseconds; browsers' dev tools and
+`trainer.bench_serve` read it), so a client can see where a slow request went:
+  read   receiving the body          parse  JSON, base64 and header checks
+  queue  waiting for a model slot    model  the batched call, with its input and output conversion
+  total  from the handler's start to the response body, so total minus the four is thread hand-offs
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 
 import anyio
 import orjson
@@ -68,19 +75,29 @@ def make_app(model_path: str, model_name: str = "model", limits: ServingLimits =
     @app.post("/v1/models/{name}/versions/{version}:predict")
     async def predict(name: str, request: Request, version: str | None = None) -> Response:
         check_model(name, version)
+        started = time.perf_counter()
         body = await read_body_within(request, limits.max_body_bytes)
+        seconds = {"read": time.perf_counter() - started}
 
         def parse_and_predict() -> list[dict]:
+            parse_start = time.perf_counter()
             images = parse_predict_request(body, limits)
+            queue_start = time.perf_counter()
             with model_calls:
+                model_start = time.perf_counter()
                 try:
-                    return model.predict(images)
+                    predictions = model.predict(images)
                 except BatchDecodeError as e:
                     raise RequestRejected(400, f"instance {e.index}: {e.detail}") from None
+            seconds.update(parse=queue_start - parse_start, queue=model_start - queue_start,
+                           model=time.perf_counter() - model_start)
+            return predictions
 
         predictions = await anyio.to_thread.run_sync(parse_and_predict)
         # orjson: 4x faster than JSONResponse's json.dumps; FastAPI's own ORJSONResponse is deprecated.
-        return Response(orjson.dumps({"predictions": predictions}), media_type="application/json")
+        content = orjson.dumps({"predictions": predictions})
+        seconds["total"] = time.perf_counter() - started
+        return Response(content, media_type="application/json", headers={"server-timing": server_timing(seconds)})
 
     @app.exception_handler(HTTPException)  # unknown paths, wrong methods: TF Serving's {"error"} shape too
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -113,6 +130,27 @@ async def read_body_within(request: Request, max_bytes: int) -> bytes:
                                        f"send fewer or smaller images per request")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def server_timing(seconds: dict[str, float]) -> str:
+    """{"parse": 0.00065, ...} -> 'parse;dur=0.650, ...': the W3C Server-Timing header, in milliseconds."""
+    return ", ".join(f"{name};dur={value * 1e3:.3f}" for name, value in seconds.items())
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """'parse;dur=0.650, model;dur=10.1' -> {"parse": 0.65, "model": 10.1} (milliseconds); entries
+    without a duration are skipped, as the W3C grammar allows them."""
+    durations = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "dur":
+                try:
+                    durations[name] = float(value.strip().strip('"'))
+                except ValueError:
+                    raise ValueError(f"Server-Timing entry {entry.strip()!r} has a duration that is not a number") from None
+    return durations
 
 
 def signature_defs(model: ExportedModel) -> dict:

@@ -19,10 +19,19 @@ def test_bench_measures_server_and_in_process_for_each_caller_count(test_export,
         for batch in (1, 32):
             for callers in (1, 2):
                 assert results[f"{where}_{batch}_{callers}"] > 0
-    assert out.count("\n| ") == 1 + 4  # the header and one row per (callers, batch)
+    assert out.count("\n| ") == 2 * (1 + 4)  # two tables: a header and one row per (callers, batch)
     assert results["share_1"] == pytest.approx(results["server_32_1"] / results["in-process_32_1"])
     assert results["gain_2"] == pytest.approx(results["server_32_2"] / results["server_1_2"])
     assert out.count("goal, ") == 4
+    # The breakdown comes from the server's Server-Timing header, so it must agree with what the
+    # client saw: each round trip contains the handler's time, which contains the model call.
+    for batch in (1, 32):
+        for callers in (1, 2):
+            assert results[f"round_trip_ms_{batch}_{callers}"] >= results[f"total_ms_{batch}_{callers}"]
+            assert results[f"total_ms_{batch}_{callers}"] > results[f"model_ms_{batch}_{callers}"] > 0
+            assert results[f"read_ms_{batch}_{callers}"] > 0 and results[f"parse_ms_{batch}_{callers}"] > 0
+    assert results["model_ms_32_1"] > results["model_ms_1_1"]  # 32 images cost the model more than one
+    assert results["parse_ms_32_1"] > results["parse_ms_1_1"]
 
 
 def test_synthetic_images_are_photo_sized_jpegs():

@@ -5,8 +5,9 @@
 Prints requests/s and images/s for requests of 1 and 32 images against a local server (started
 here as `python -m trainer.serve` on a free 127.0.0.1 port), and the export's batched images/s
 called in-process, for one caller and for one per core (a server is loaded by concurrent clients;
-the in-process rows get as many calling threads, so both sides get the same concurrency), then
-the two goals of issue 4 for each:
+the in-process rows get as many calling threads, so both sides get the same concurrency); then
+where a request's time goes (the client's round trip split by the server's Server-Timing phases,
+next to the in-process call), and the two goals of issue 4 for each caller count:
   a 32-image request gives >= 5x the images/s of single-image requests;
   the server reaches >= 80% of the in-process images/s for batches of 32.
 """
@@ -29,6 +30,8 @@ import time
 from typing import Sequence
 
 import numpy as np
+
+from trainer.serving_app import parse_server_timing
 
 BATCH_SIZES = (1, 32)
 SYNTHETIC_SIZE = (320, 240)  # about a flowers-dataset photo (their median is ~320x240 to 500x375)
@@ -75,6 +78,7 @@ class Rate:
     calls_per_s: float
     here_cpu_ms: float  # CPU of this process per call: the model in-process, the load generator for server rows
     server_cpu_ms: float | None  # CPU of the server process per call (Linux /proc), None in-process or elsewhere
+    phases_ms: dict[str, float] | None = None  # server rows: median round trip and Server-Timing phases
 
 
 def cpu_seconds(pid: int | None = None) -> float | None:
@@ -97,13 +101,16 @@ def measure(make_call, callers: int, seconds: float, server_pid: int | None = No
         calls = [make_call() for _ in range(callers)]
         for call in calls:  # connect and warm up outside the measured window
             call()
+            getattr(call, "samples", []).clear()
         here, server = cpu_seconds(), cpu_seconds(server_pid) if server_pid else None
         results = list(pool.map(lambda call: time_loop(call, seconds), calls))
         here_cpu = cpu_seconds() - here
         server_cpu = cpu_seconds(server_pid) - server if server is not None else None
     total = sum(n for n, _ in results)
+    samples = [sample for call in calls for sample in getattr(call, "samples", [])]
+    phases = {name: statistics.median(s[name] for s in samples if name in s) for name in samples[0]} if samples else None
     return Rate(sum(n / elapsed for n, elapsed in results), here_cpu / total * 1e3,
-                None if server_cpu is None else server_cpu / total * 1e3)
+                None if server_cpu is None else server_cpu / total * 1e3, phases)
 
 
 def make_in_process_call(model_path: str):
@@ -118,27 +125,36 @@ def make_in_process_call(model_path: str):
     return for_batch
 
 
-def make_server_post(port: int, images: list[bytes]):
-    """A factory of clients that each POST one request of `images` over their own keep-alive connection.
+class ServerClient:
+    """POSTs one request of `images` over its own keep-alive connection; keeps each call's round trip
+    and the server's Server-Timing phases (milliseconds) in `samples`.
 
     The load generator is the standard library's http.client, not httpx: it shares the 2 cores with
     the server, and costs 0.6 ms of CPU per 32-image request where httpx costs 1.3 ms.
     """
+
+    def __init__(self, port: int, body: bytes):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.body = body
+        self.samples: list[dict[str, float]] = []
+
+    def __call__(self) -> bytes:
+        start = time.perf_counter()
+        self.connection.request("POST", "/v1/models/model:predict", body=self.body,
+                                headers={"content-type": "application/json"})
+        response = self.connection.getresponse()
+        answer = response.read()
+        round_trip = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {answer[:300]!r}")
+        self.samples.append({"round_trip": round_trip * 1e3, **parse_server_timing(response.getheader("server-timing", ""))})
+        return answer
+
+
+def make_server_post(port: int, images: list[bytes]):
+    """A factory of ServerClients that each send one request of `images`."""
     body = json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in images]}).encode()
-
-    def client():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-        def post() -> bytes:
-            connection.request("POST", "/v1/models/model:predict", body=body,
-                               headers={"content-type": "application/json"})
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"the server answered {response.status}: {answer[:300]!r}")
-            return answer
-        return post
-    return client
+    return lambda: ServerClient(port, body)
 
 
 def free_port() -> int:
@@ -244,7 +260,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
                   f"{ms(cpu_of('in-process', batch, callers, 'here_cpu_ms'))} | "
                   f"{ms(cpu_of('server', batch, callers, 'server_cpu_ms'))} | "
                   f"{ms(cpu_of('server', batch, callers, 'here_cpu_ms'))} |")
+    # Where a request's time goes (medians; Server-Timing phases as the server measured them), next to
+    # the export's own call: what the server adds to the model is what keeps it from the in-process rate.
+    print("\n| callers | batch | round trip ms | read body | parse | wait for a model slot | model | thread hand-offs, "
+          "response | outside the handler: HTTP, sockets, load generator | in-process call ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results: dict[str, float] = {}
+    for callers in caller_counts:
+        for batch in BATCH_SIZES:
+            phases = {name: median_of(r.phases_ms[name] for r in runs["server", batch, callers])
+                      for name in ("round_trip", "read", "parse", "queue", "model", "total")}
+            phases["hand_offs"] = phases["total"] - phases["read"] - phases["parse"] - phases["queue"] - phases["model"]
+            phases["outside"] = phases["round_trip"] - phases["total"]
+            phases["in_process_call"] = callers / rate_of("in-process", batch, callers) * 1e3
+            print(f"| {callers} | {batch} | " + " | ".join(f"{phases[name]:.2f}" for name in (
+                "round_trip", "read", "parse", "queue", "model", "hand_offs", "outside", "in_process_call")) + " |")
+            for name, value in phases.items():
+                results[f"{name}_ms_{batch}_{callers}"] = value
     for callers in caller_counts:
         served_32, served_1, own_32 = (runs["server", 32, callers], runs["server", 1, callers],
                                        runs["in-process", 32, callers])

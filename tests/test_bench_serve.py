@@ -12,8 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_measures_server_and_in_process_for_each_caller_count(test_export, tmp_path, capsys):
+    # --thread_spinning: this process already runs TensorFlow, so its pools can no longer stop spinning.
     results = bench_serve.run(["--model", test_export, "--seconds", "0.3", "--repeats", "1", "--callers", "1,2",
-                               "--server_log", str(tmp_path / "server.log")])
+                               "--thread_spinning", "--server_log", str(tmp_path / "server.log")])
     out = capsys.readouterr().out
     for where in ("server", "in-process"):
         for batch in (1, 32):

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -319,3 +320,55 @@ def test_an_animated_gif_reaches_the_model_as_its_first_frame_only(client, direc
     r = client.post("/v1/models/model:predict", json={"instances": [{"b64": b64(gif)}]})
     assert r.status_code == 200, r.text
     assert_predictions_equal(r.json()["predictions"], direct([prepared]))
+
+
+def test_thread_spinning_is_switched_off_in_tensorflows_own_config_before_it_starts():
+    """The switch goes through a private attribute of TF's eager context (TF2 has no public one): this
+    fails when a TensorFlow release stops reading it, or starts before the switch can act."""
+    script = """
+import tensorflow as tf
+from tensorflow.python.eager import context
+from trainer.exported_model import disable_thread_spinning
+disable_thread_spinning()
+tf.constant(1.0) + 1.0  # starts the runtime, which takes its ConfigProto from the context now
+assert context.context()._initialized
+print("spinning disabled:", context.context().config.experimental.disable_thread_spinning)
+try:
+    disable_thread_spinning()
+except RuntimeError as e:
+    print("too late:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "spinning disabled: True" in out.stdout
+    assert "too late: TensorFlow's runtime has already started" in out.stdout
+
+
+def test_the_serve_command_answers_predictions_with_its_defaults(test_export, direct, tmp_path):
+    """`python -m trainer.serve` as a user runs it (thread spinning off), not the app in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "trainer.serve", "--model", test_export, "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the server did not answer within 120 s"
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict", timeout=10,
+                               json={"instances": [{"b64": b64(d)} for d in IMAGES]})
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        assert_predictions_equal(r.json()["predictions"], direct(IMAGES))
+        assert "server-timing" in r.headers
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+    assert "TensorFlow's thread pools sleep between model calls" in (tmp_path / "serve.log").read_text()

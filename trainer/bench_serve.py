@@ -113,9 +113,15 @@ def measure(make_call, callers: int, seconds: float, server_pid: int | None = No
                 None if server_cpu is None else server_cpu / total * 1e3, phases)
 
 
-def make_in_process_call(model_path: str):
-    """Loads the export once; returns images -> a call of its serving_default on those encoded images."""
+def make_in_process_call(model_path: str, thread_spinning: bool):
+    """Loads the export once; returns images -> a call of its serving_default on those encoded images.
+    TensorFlow's thread pools spin or not as the server's do (`trainer.serve --thread_spinning`)."""
     import tensorflow as tf
+
+    from trainer.exported_model import disable_thread_spinning
+
+    if not thread_spinning:
+        disable_thread_spinning()  # RuntimeError if this process already ran TensorFlow: pass --thread_spinning
 
     fn = tf.saved_model.load(model_path).signatures["serving_default"]
 
@@ -163,11 +169,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: str, port: int, log_path: str) -> subprocess.Popen:
+def start_server(model_path: str, port: int, log_path: str, thread_spinning: bool) -> subprocess.Popen:
     import httpx
 
+    command = [sys.executable, "-m", "trainer.serve", "--model", model_path, "--port", str(port)]
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", "--model", model_path, "--port", str(port)],
+        proc = subprocess.Popen(command + (["--thread_spinning"] if thread_spinning else []),
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -194,6 +201,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--callers", default=f"1,{os.cpu_count() or 1}",
                    help="comma-separated counts of concurrent callers, each measured for the server (client threads) "
                         "and in-process (calling threads) alike (default: %(default)s, one and one per core)")
+    p.add_argument("--thread_spinning", action="store_true",
+                   help="TensorFlow's thread pools spin between calls, in the server and in-process alike "
+                        "(default: they sleep, as `trainer.serve` runs by default)")
     p.add_argument("--server_log", default="/tmp/bench_serve_server.log")
     args = p.parse_args(argv)
     caller_counts = sorted({int(c) for c in args.callers.split(",")})
@@ -203,10 +213,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     mean_kb = sum(map(len, images)) / len(images) / 1024
     print(f"images: {'synthetic 320x240 JPEG' if not args.images else args.images}, mean {mean_kb:.1f} KB; "
           f"median of {args.repeats} x {args.seconds:g} s per row; {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; client and server share the machine")
+          f"load average {os.getloadavg()[0]:.1f}; client and server share the machine; TensorFlow's threads "
+          f"{'spin' if args.thread_spinning else 'sleep'} between calls on both sides")
     port = free_port()
-    server = start_server(args.model, port, args.server_log)
-    in_process = make_in_process_call(args.model)
+    in_process = make_in_process_call(args.model, args.thread_spinning)
+    server = start_server(args.model, port, args.server_log, args.thread_spinning)
     calls = {}
     for batch in BATCH_SIZES:
         calls["server", batch] = make_server_post(port, images[:batch])

@@ -39,6 +39,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="most pixels one image's header may claim (default: %(default)s, the ETL's)")
     p.add_argument("--max_request_pixels", type=int, default=defaults.max_request_pixels,
                    help="most pixels of all images of one request (default: %(default)s)")
+    p.add_argument("--thread_spinning", action="store_true",
+                   help="let TensorFlow's thread pools spin between model calls (default: they sleep, which "
+                        "was faster on 2 cores; see trainer.exported_model.disable_thread_spinning)")
     return p
 
 
@@ -52,13 +55,17 @@ def run(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("trainer.serve").info("serving %s as %r on http://%s:%d with %s", args.model, args.model_name,
-                                            args.host, args.port, limits)
+    logging.getLogger("trainer.serve").info(
+        "serving %s as %r on http://%s:%d with %s; TensorFlow's thread pools %s between model calls", args.model,
+        args.model_name, args.host, args.port, limits, "spin" if args.thread_spinning else "sleep")
 
     import uvicorn
 
-    from trainer.exported_model import ExportError
+    from trainer.exported_model import ExportError, disable_thread_spinning
     from trainer.serving_app import make_app
+
+    if not args.thread_spinning:
+        disable_thread_spinning()
 
     try:
         app = make_app(args.model, args.model_name, limits)

@@ -108,7 +108,8 @@ def measure(make_call, callers: int, seconds: float, server_pid: int | None = No
         server_cpu = cpu_seconds(server_pid) - server if server is not None else None
     total = sum(n for n, _ in results)
     samples = [sample for call in calls for sample in getattr(call, "samples", [])]
-    phases = {name: statistics.median(s[name] for s in samples if name in s) for name in samples[0]} if samples else None
+    phases = ({name: statistics.median(s[name] for s in samples if name in s) for name in samples[0]}
+              if samples else None)
     return Rate(sum(n / elapsed for n, elapsed in results), here_cpu / total * 1e3,
                 None if server_cpu is None else server_cpu / total * 1e3, phases)
 
@@ -153,7 +154,8 @@ class ServerClient:
         round_trip = time.perf_counter() - start
         if response.status != 200:
             raise RuntimeError(f"the server answered {response.status}: {answer[:300]!r}")
-        self.samples.append({"round_trip": round_trip * 1e3, **parse_server_timing(response.getheader("server-timing", ""))})
+        phases = parse_server_timing(response.getheader("server-timing", ""))
+        self.samples.append({"round_trip": round_trip * 1e3, **phases})
         return answer
 
 

@@ -135,9 +135,9 @@ def disable_thread_spinning() -> None:
     Why: a server's model calls come with gaps (receiving and parsing the next request), and on a
     2-core machine the spinning pools hold the cores the event loop and the parser need then
     (perf: 5% of the server's samples were the pools' GlobalSteal/PopBack). `make bench-serve` on
-    the digits export, two runs each way, 2 clients of 32-image requests: 3126-3236 images/s and
-    16.9-17.5 ms of server CPU a request without spinning, 2572-2808 images/s and 19.7-21.4 ms with
-    it; the model in-process gains too (4011-4299 vs 3560-3797 images/s). TF2 has no public switch:
+    the digits export, 2 clients of 32-image requests: 2853-3236 images/s and 16.9-19.3 ms of server
+    CPU a request without spinning (three runs), 2572-2808 images/s and 19.7-21.4 ms with it (two);
+    the model in-process gains too (3829-4299 vs 3560-3797 images/s). TF2 has no public switch:
     the option is ConfigProto's experimental.disable_thread_spinning, which the eager context reads
     from its private `_config` when it starts; tests/test_serve.py checks that it still arrives.
     """

@@ -13,7 +13,8 @@ Every prediction carries a W3C `Server-Timing` header (milliseconds; browsers' d
 `trainer.bench_serve` read it), so a client can see where a slow request went:
   read   receiving the body          parse  JSON, base64 and header checks
   queue  waiting for a model slot    model  the batched call, with its input and output conversion
-  total  from the handler's start to the response body, so total minus the four is thread hand-offs
+  total  from the handler's start to the encoded response: total minus the four is the two thread
+         hand-offs and encoding the response
 """
 from __future__ import annotations
 

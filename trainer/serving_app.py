@@ -150,7 +150,8 @@ def parse_server_timing(header: str) -> dict[str, float]:
                 try:
                     durations[name] = float(value.strip().strip('"'))
                 except ValueError:
-                    raise ValueError(f"Server-Timing entry {entry.strip()!r} has a duration that is not a number") from None
+                    raise ValueError(f"Server-Timing entry {entry.strip()!r} has a duration that is not "
+                                     f"a number") from None
     return durations
 
 

@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 
 from tests.image_factory import jpeg_with_claimed_size
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
@@ -109,6 +109,11 @@ def test_status_and_metadata_follow_tf_serving(client):
         assert r.status_code == 404 and "error" in r.json(), path
     r = client.post("/v1/models/other:predict", json={"instances": [{"b64": b64(IMAGES[0])}]})
     assert r.status_code == 404 and "other" in r.json()["error"]
+    # Paths and methods the contract does not have: TF Serving's {"error"} shape, with the framework's status.
+    r = client.get("/v2/models/model")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found: GET /v2/models/model"}
+    r = client.post("/v1/models/model", json={})
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed: POST /v1/models/model"}
 
 
 @pytest.mark.parametrize("form", ["image_bytes", "bare_b64"])
@@ -143,6 +148,19 @@ def test_server_timing_is_written_and_read_by_one_pair_of_functions():
     assert parse_server_timing('db;desc="Data base";dur="53", cache, app;dur=47.2') == {"db": 53.0, "app": 47.2}
     with pytest.raises(ValueError, match="'db;dur=fast'"):
         parse_server_timing("db;dur=fast")
+
+
+def test_an_unexpected_failure_is_a_500_that_names_only_its_type_and_the_server_goes_on(test_export, monkeypatch):
+    from trainer.exported_model import ExportedModel
+
+    app = make_app(test_export, "model", ServingLimits(**LIMITS))
+    answer = ExportedModel.predict
+    monkeypatch.setattr(ExportedModel, "predict", lambda self, images: 1 / 0)
+    with TestClient(app, raise_server_exceptions=False) as broken:
+        r = broken.post("/v1/models/model:predict", json={"instances": [{"b64": b64(IMAGES[0])}]})
+        assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError"}
+        monkeypatch.setattr(ExportedModel, "predict", answer)
+        assert broken.post("/v1/models/model:predict", json={"instances": [{"b64": b64(IMAGES[0])}]}).status_code == 200
 
 
 def test_web_safe_base64_and_a_non_tf_format_are_accepted(client, direct):

@@ -155,12 +155,29 @@ def test_an_unexpected_failure_is_a_500_that_names_only_its_type_and_the_server_
 
     app = make_app(test_export, "model", ServingLimits(**LIMITS))
     answer = ExportedModel.predict
-    monkeypatch.setattr(ExportedModel, "predict", lambda self, images: 1 / 0)
     with TestClient(app, raise_server_exceptions=False) as broken:
+        monkeypatch.setattr(ExportedModel, "predict", lambda self, images: 1 / 0)
         r = broken.post("/v1/models/model:predict", json={"instances": [{"b64": b64(IMAGES[0])}]})
         assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError"}
         monkeypatch.setattr(ExportedModel, "predict", answer)
         assert broken.post("/v1/models/model:predict", json={"instances": [{"b64": b64(IMAGES[0])}]}).status_code == 200
+
+
+def test_the_model_is_warmed_up_with_one_jpeg_when_the_server_starts(test_export, monkeypatch):
+    from trainer.exported_model import ExportedModel, ExportError
+
+    calls = []
+    answer = ExportedModel.predict
+    monkeypatch.setattr(ExportedModel, "predict", lambda self, images: calls.append(list(images)) or answer(self, images))
+    app = make_app(test_export, "model", ServingLimits(**LIMITS))
+    assert not calls  # the app is built; the server has not started
+    with TestClient(app) as c:  # starts it, as uvicorn does
+        assert len(calls) == 1 and len(calls[0]) == 1 and calls[0][0][:3] == b"\xff\xd8\xff"
+        assert c.get("/v1/models/model").status_code == 200
+    monkeypatch.setattr(ExportedModel, "predict", lambda self, images: 1 / 0)  # a model that fails every call
+    with pytest.raises(ExportError, match="failed its warm-up prediction on a 32x32 JPEG: ZeroDivisionError"):
+        with TestClient(make_app(test_export, "model", ServingLimits(**LIMITS))):
+            pass
 
 
 def test_web_safe_base64_and_a_non_tf_format_are_accepted(client, direct):

@@ -113,6 +113,7 @@ def make_app(model_path: str, model_name: str = "model", limits: ServingLimits =
     routes = ([Route(prefix, status, methods=["GET"]) for prefix in prefixes]
               + [Route(f"{prefix}/metadata", metadata, methods=["GET"]) for prefix in prefixes]
               + [Route(f"{prefix}:predict", predict, methods=["POST"]) for prefix in prefixes])
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await anyio.to_thread.run_sync(warm_up, model)  # the path requests take: the threadpool, then the model

@@ -300,12 +300,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
               f"requests (goal >= 5x): {'met' if gain >= 5 else 'NOT met'}")
         print(f"goal, {callers} caller(s): the server reaches {share:.0%} of in-process images/s at batch 32 "
               f"(goal >= 80%): {'met' if share >= 0.8 else 'NOT met'}")
-        model_cpu, server_cpu = cpu_of("in-process", 32, callers, "here_cpu_ms"), cpu_of("server", 32, callers, "server_cpu_ms")
+        model_cpu = cpu_of("in-process", 32, callers, "here_cpu_ms")
+        server_cpu = cpu_of("server", 32, callers, "server_cpu_ms")
         if server_cpu is not None:
-            # What the server adds per request in CPU: what a core-bound machine pays for.
+            # What the server adds per request in CPU: what a core-bound machine pays for. Under 5% of the
+            # model's CPU is inside this VM's run-to-run spread (a MobileNetV2 export's server has measured
+            # 12 ms below its model), so such a difference is called noise rather than a cost.
+            added = server_cpu - model_cpu
+            what = ("within this VM's run-to-run noise" if abs(added) < 0.05 * model_cpu else
+                    "for HTTP, JSON, base64, header checks and thread hand-offs")
             print(f"  CPU per 32-image request, {callers} caller(s): the model {model_cpu:.1f} ms in-process; the server "
-                  f"{server_cpu:.1f} ms ({server_cpu - model_cpu:+.1f} ms for HTTP, JSON, base64 and header checks, within "
-                  f"this VM's noise); the load generator {cpu_of('server', 32, callers, 'here_cpu_ms'):.1f} ms on the same cores")
+                  f"{server_cpu:.1f} ms ({added:+.1f} ms, {what}); the load generator "
+                  f"{cpu_of('server', 32, callers, 'here_cpu_ms'):.1f} ms on the same cores")
     for (where, batch, callers) in runs:
         results[f"{where}_{batch}_{callers}"] = rate_of(where, batch, callers) * batch
     return results

@@ -131,7 +131,9 @@ def _skew_and_signatures(config):
         np.testing.assert_array_equal(by_bytes[key].numpy(), by_name[key].numpy(), err_msg=key)
     spec = train.resolve_model_spec(config, meta)
     model, _ = train.evaluate_best(spec, meta, config, spec.input_size)
-    x, _ = ingest.make_decode_fn(meta, spec.input_size)(tf.constant(serialized))  # what training read
+    records = tf.data.Dataset.from_tensor_slices(tf.constant(serialized))
+    x, _ = next(iter(ingest.records_to_batches(records, meta, spec.input_size, len(serialized),
+                                               drop_remainder=False, deterministic=True)))  # what training read
     trained = model.predict(x, verbose=0)
     np.testing.assert_allclose(by_bytes["probabilities"].numpy(), trained, atol=1e-5, rtol=0)
     assert np.ptp(trained, axis=0).max() > 1e-3, "the model gives every image the same answer: the check is void"

@@ -59,7 +59,7 @@ def _worker_index(resolver) -> tuple[int, int]:
 def _multi_worker_placement() -> Placement:
     if "TF_CONFIG" not in os.environ:
         raise ValueError("--strategy multi_worker needs TF_CONFIG (cluster and task); "
-                           "Vertex AI sets it, or see tests/test_trainer_distributed.py for a local one")
+                         "Vertex AI sets it, or see tests/test_trainer_distributed.py for a local one")
     try:
         tf_config = json.loads(os.environ["TF_CONFIG"])
     except json.JSONDecodeError as e:

@@ -39,3 +39,39 @@ def test_synthetic_images_are_photo_sized_jpegs():
     images = bench_serve.make_synthetic_jpegs(3)
     assert len(set(images)) == 3 and all(i[:3] == b"\xff\xd8\xff" for i in images)
     assert 10_000 < sum(map(len, images)) / 3 < 40_000
+
+
+def _answering(*pieces: bytes, close: bool = False):
+    """A socket whose peer sends `pieces` 20 ms apart, so each arrives in its own recv (then closes,
+    if `close`): what read_response reads. Returns (our socket, the sending thread)."""
+    import socket
+    import threading
+    import time
+
+    ours, theirs = socket.socketpair()
+
+    def send():
+        for piece in pieces:
+            theirs.sendall(piece)
+            time.sleep(0.02)
+        if close:
+            theirs.close()
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return ours, sender
+
+
+def test_load_generator_reads_a_response_split_anywhere_and_refuses_what_it_cannot_read():
+    body = b'{"predictions": [1]}'
+    response = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nServer-Timing: model;dur=1.5\r\n\r\n" % len(body)) + body
+    ours, _sender = _answering(response[:10], response[10:-5], response[-5:], close=True)  # split mid-header, mid-body
+    status, headers, answer = bench_serve.read_response(ours)
+    assert (status, headers["server-timing"], answer) == (200, "model;dur=1.5", body)
+
+    ours, _sender = _answering(response[:-5], close=True)  # the server closes 5 bytes short
+    with pytest.raises(ConnectionError, match=f"{len(body) - 5} of {len(body)} body bytes"):
+        bench_serve.read_response(ours)
+
+    ours, _sender = _answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    with pytest.raises(ValueError, match="no Content-Length"):
+        bench_serve.read_response(ours)

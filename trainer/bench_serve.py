@@ -17,7 +17,6 @@ import argparse
 import base64
 import concurrent.futures
 import dataclasses
-import http.client
 import io
 import json
 import os
@@ -136,27 +135,58 @@ class ServerClient:
     """POSTs one request of `images` over its own keep-alive connection; keeps each call's round trip
     and the server's Server-Timing phases (milliseconds) in `samples`.
 
-    The load generator is the standard library's http.client, not httpx: it shares the 2 cores with
-    the server, and costs 0.6 ms of CPU per 32-image request where httpx costs 1.3 ms.
+    The load generator shares the 2 cores with the server, so whatever it spends is taken from the
+    server (wrk and h2load are written in C for that reason). It is therefore a raw socket sending
+    one pre-encoded request and reading a Content-Length response: 0.25 ms a 32-image request less
+    than the standard library's http.client (its header parsing goes through email.parser), which
+    costs 0.6 ms of CPU against httpx's 1.3 ms. It understands only what `trainer.serve` answers
+    (HTTP/1.1, Content-Length, keep-alive) and raises on anything else.
     """
 
     def __init__(self, port: int, body: bytes):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        self.body = body
+        self.port = port
+        self.request = (f"POST /v1/models/model:predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        self.connection = socket.create_connection(("127.0.0.1", port), timeout=60)
         self.samples: list[dict[str, float]] = []
 
     def __call__(self) -> bytes:
         start = time.perf_counter()
-        self.connection.request("POST", "/v1/models/model:predict", body=self.body,
-                                headers={"content-type": "application/json"})
-        response = self.connection.getresponse()
-        answer = response.read()
+        self.connection.sendall(self.request)
+        status, headers, answer = read_response(self.connection)
         round_trip = time.perf_counter() - start
-        if response.status != 200:
-            raise RuntimeError(f"the server answered {response.status}: {answer[:300]!r}")
-        phases = parse_server_timing(response.getheader("server-timing", ""))
+        if status != 200:
+            raise RuntimeError(f"the server answered {status}: {answer[:300]!r}")
+        phases = parse_server_timing(headers.get("server-timing", ""))
         self.samples.append({"round_trip": round_trip * 1e3, **phases})
         return answer
+
+
+def read_response(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body from `connection` -> (status, headers with
+    lower-case names, body). Raises ConnectionError if the server closes first, ValueError on a
+    response without Content-Length (chunked), which `trainer.serve` never sends."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection after {len(data)} bytes of a response")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" not in headers:
+        raise ValueError(f"the response has no Content-Length: {status_line!r}, headers {sorted(headers)}")
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = connection.recv(max(65536, length - len(body)))
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection after {len(body)} of {length} body bytes")
+        body += chunk
+    return int(status_line.split(" ", 2)[1]), headers, body
 
 
 def make_server_post(port: int, images: list[bytes]):

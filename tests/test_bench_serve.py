@@ -23,7 +23,8 @@ def test_bench_measures_server_and_in_process_for_each_caller_count(test_export,
     assert out.count("\n| ") == 2 * (1 + 4)  # two tables: a header and one row per (callers, batch)
     assert results["share_1"] == pytest.approx(results["server_32_1"] / results["in-process_32_1"])
     assert results["gain_2"] == pytest.approx(results["server_32_2"] / results["server_1_2"])
-    assert out.count("goal, ") == 4
+    assert results["own_gain_1"] == pytest.approx(results["in-process_32_1"] / results["in-process_1_1"])
+    assert out.count("goal, ") == 4 and out.count("the model alone gains") == 2
     # The breakdown comes from the server's Server-Timing header, so it must agree with what the
     # client saw: each round trip contains the handler's time, which contains the model call.
     for batch in (1, 32):

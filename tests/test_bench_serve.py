@@ -76,3 +76,7 @@ def test_load_generator_reads_a_response_split_anywhere_and_refuses_what_it_cann
     ours, _sender = _answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     with pytest.raises(ValueError, match="no Content-Length"):
         bench_serve.read_response(ours)
+
+    ours, _sender = _answering(b"SSH-2.0-OpenSSH_9.6\r\nContent-Length: 0\r\n\r\n")  # not an HTTP server
+    with pytest.raises(ValueError, match="not an HTTP status line: 'SSH-2.0"):
+        bench_serve.read_response(ours)

@@ -22,7 +22,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # Not GIF, although TF reads it: decode_image decodes every frame even with
 # expand_animations=False (120 frames of 1000x1000 took 3.3 s), and the header gives one
 # frame's size, so a small animated GIF could hold gigabytes of pixels.
-TF_DECODABLE_FORMATS = ("JPEG", "PNG", "BMP")
+# BMP only in the one layout TF reads right (`_tf_reads_bmp_as_is`).
+TF_DECODABLE_FORMATS = ("JPEG", "PNG")
 
 
 class ImageRejected(ValueError):
@@ -167,10 +168,25 @@ def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> byt
     return out.getvalue()
 
 
+def _tf_reads_bmp_as_is(data: bytes) -> bool:
+    """True for the BMPs TF's decoder reads as PIL does: a Windows header (40 bytes or a later,
+    longer version), uncompressed (BI_RGB), 24 or 32 bits a pixel, rows either way up.
+
+    TF reads an 8-bit palette BMP's colour indices as grey levels (a white palette image
+    arrives black, and is predicted with no error), and refuses 1- and 4-bit, OS/2
+    (12-byte header) and bit-field BMPs that PIL reads; those become PNG like any other format."""
+    if len(data) < 34 or data[:2] != b"BM":
+        return False
+    header_size = int.from_bytes(data[14:18], "little")
+    bits_per_pixel = int.from_bytes(data[28:30], "little")
+    compression = int.from_bytes(data[30:34], "little")
+    return header_size >= 40 and bits_per_pixel in (24, 32) and compression == 0
+
+
 def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
     """Bytes that TF's decode_image reads as the image the header describes: the original for
-    JPEG, PNG and BMP, the first frame as RGB PNG (lossless) for everything else."""
-    if header.format in TF_DECODABLE_FORMATS:
+    JPEG, PNG and plain 24/32-bit BMP, the first frame as RGB PNG (lossless) for everything else."""
+    if header.format in TF_DECODABLE_FORMATS or (header.format == "BMP" and _tf_reads_bmp_as_is(data)):
         return data
     try:
         return to_rgb_image_bytes(data, "PNG")

@@ -13,7 +13,8 @@ RESIZE_ANTIALIAS = False
 
 # Written into the sidecar so that a reader knows exactly how `pixels` were made.
 DESCRIPTION = {
-    "decode": "tf.io.decode_image(channels=3, expand_animations=False): JPEG, PNG, GIF (first frame), BMP",
+    "decode": ("tf.io.decode_image(channels=3, expand_animations=False) of JPEG, PNG or uncompressed 24/32-bit BMP "
+               "bytes; any other format's first frame is converted to RGB PNG first (shared.image_check.to_tf_decodable)"),
     "dtype": "float32",
     "scaling": "tf.image.convert_image_dtype: uint8 / 255 -> [0, 1]",
     "resize": {"method": RESIZE_METHOD, "antialias": RESIZE_ANTIALIAS, "preserve_aspect_ratio": False},
@@ -21,7 +22,7 @@ DESCRIPTION = {
 
 
 def decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [height, width, 3]."""
+    """Encoded JPEG/PNG/BMP bytes (`image_check.to_tf_decodable` makes any other format one) -> uint8 [height, width, 3]."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image

@@ -136,3 +136,53 @@ def test_truncated_headers_are_not_images(data):
     with pytest.raises(image_check.ImageRejected) as e:
         image_check.read_header(data)
     assert e.value.reason == "not_an_image"
+
+
+def bmp(pixels: np.ndarray, header_size: int = 40, top_down: bool = False, bit_fields: bool = False) -> bytes:
+    """A BMP of an HxWx3 uint8 array in layouts PIL does not write: OS/2 (12-byte header),
+    rows top-down, or 32-bit BI_BITFIELDS with RGBA masks (a V4 header)."""
+    import struct
+
+    height, width, _ = pixels.shape
+    if bit_fields:
+        rgba = np.concatenate([pixels, np.full((height, width, 1), 255, np.uint8)], axis=2)
+        rows = [rgba[y].tobytes() for y in range(height)]
+        bits, compression, header_size = 32, 3, 108
+    else:
+        row_size = (width * 3 + 3) // 4 * 4
+        rows = [pixels[y, :, ::-1].tobytes().ljust(row_size, b"\0") for y in range(height)]  # BGR
+        bits, compression = 24, 0
+    data = b"".join(rows if top_down else rows[::-1])
+    if header_size == 12:
+        dib = struct.pack("<IHHHH", 12, width, height, 1, bits)
+    else:
+        dib = struct.pack("<IiiHHIIiiII", header_size, width, -height if top_down else height, 1, bits,
+                          compression, len(data), 2835, 2835, 0, 0)
+        if bit_fields:
+            dib += struct.pack("<IIII", 0xFF, 0xFF00, 0xFF0000, 0xFF000000) + b"sRGB" + b"\0" * 48
+    offset = 14 + len(dib)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + dib + data
+
+
+BMP_CASES = {  # name: (bytes, whether TF reads them as they are)
+    "24-bit": (lambda: encode(photo(), "BMP"), True),
+    "32-bit": (lambda: encode(photo("RGBA"), "BMP"), True),
+    "24-bit top-down": (lambda: bmp(np.asarray(photo()), top_down=True), True),
+    "8-bit palette": (lambda: encode(photo().convert("P", palette=Image.ADAPTIVE), "BMP"), False),
+    "8-bit grey": (lambda: encode(photo("L"), "BMP"), False),
+    "1-bit": (lambda: encode(photo("1"), "BMP"), False),
+    "OS/2 24-bit": (lambda: bmp(np.asarray(photo()), header_size=12), False),
+    "32-bit bit fields": (lambda: bmp(np.asarray(photo()), bit_fields=True), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BMP_CASES))
+def test_the_model_sees_a_bmp_as_pil_does(name):
+    """TF reads a palette BMP's indices as grey levels (a white image arrives black, with no
+    error) and refuses 1-bit, OS/2 and bit-field BMPs: only the plain layouts reach it as sent."""
+    make, as_sent = BMP_CASES[name]
+    data = make()
+    prepared = image_check.to_tf_decodable(data, image_check.read_header(data))
+    assert (prepared is data) == as_sent
+    seen_by_model = tf.io.decode_image(prepared, channels=3, expand_animations=False).numpy()
+    np.testing.assert_array_equal(seen_by_model, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))

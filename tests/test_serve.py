@@ -389,6 +389,14 @@ def test_the_serve_command_answers_predictions_with_its_defaults(test_export, di
     port, log = free_port(), tmp_path / "serve.log"
     server = start_server(test_export, port, str(log), thread_spinning=False)
     try:
+        assert listening_addresses(port) == {"127.0.0.1"}, "the server must bind only loopback by default"
+        with socket.create_connection(("127.0.0.1", port)) as aborted:  # an upload that stops halfway
+            aborted.sendall(b"POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n" + b'{"instances": [')
+            aborted.shutdown(socket.SHUT_WR)
+            aborted.settimeout(30)
+            while aborted.recv(65536):  # until the server closes its side
+                pass
         r = httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict", timeout=30,
                        json={"instances": [{"b64": b64(d)} for d in IMAGES]})
         assert r.status_code == 200, r.text
@@ -397,4 +405,40 @@ def test_the_serve_command_answers_predictions_with_its_defaults(test_export, di
     finally:
         server.terminate()
         server.wait(30)
-    assert "TensorFlow's thread pools sleep between model calls" in log.read_text()
+    text = log.read_text()
+    assert "TensorFlow's thread pools sleep between model calls" in text
+    assert "client closed the connection after 15 of 100 body bytes" in text
+    for failure in ("Traceback", "ERROR trainer.serve", "Exception in ASGI application"):  # ours, uvicorn's
+        assert failure not in text, text
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of TCP sockets listening on `port`, from Linux's /proc/net/tcp and tcp6."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, port_hex = local.split(":")
+                if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # the kernel prints each 32-bit word in host (little-endian) order
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.add(str(ipaddress.ip_address(raw)))
+    if not found:
+        pytest.skip("no /proc/net/tcp to read listening sockets from")
+    return found
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_body_limit_that_is_not_a_number_is_a_usage_error(test_export, value, capsys):
+    from trainer import serve
+
+    with pytest.raises(SystemExit) as e:
+        serve.run(["--model", test_export, "--max_body_mb", value])
+    assert e.value.code == 2
+    assert f"--max_body_mb {value} is not a finite number" in capsys.readouterr().err

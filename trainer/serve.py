@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Sequence
 
@@ -48,6 +49,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> None:
     parser = make_arg_parser()
     args = parser.parse_args(argv)
+    if not math.isfinite(args.max_body_mb):
+        parser.error(f"--max_body_mb {args.max_body_mb} is not a finite number of megabytes")
     try:
         limits = ServingLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances,
                                max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,

@@ -33,7 +33,7 @@ import anyio
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -156,12 +156,18 @@ async def read_body_within(request: Request, max_bytes: int) -> bytes:
                                        f"(--max_body_mb); send fewer or smaller images per request")
     chunks = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise RequestRejected(413, f"the body exceeds the limit of {max_bytes:,} bytes (--max_body_mb); "
-                                       f"send fewer or smaller images per request")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise RequestRejected(413, f"the body exceeds the limit of {max_bytes:,} bytes (--max_body_mb); "
+                                           f"send fewer or smaller images per request")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # An aborted upload or a client's timeout, not a server fault: no 500 and no traceback in the
+        # log (a client could fill it so). The answer goes nowhere; uvicorn drops it.
+        log.info("client closed the connection after %d of %s body bytes", received, declared or "unknown")
+        raise RequestRejected(400, f"the client closed the connection after {received:,} body bytes") from None
     return b"".join(chunks)
 
 

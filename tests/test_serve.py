@@ -358,6 +358,41 @@ def test_an_animated_gif_reaches_the_model_as_its_first_frame_only(client, direc
     assert_predictions_equal(r.json()["predictions"], direct([prepared]))
 
 
+def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_export, monkeypatch):
+    """Converting a TIFF decodes all of it (a 40 MP one holds 120 MB): six such requests at once
+    must convert at most MODEL_CALLS_IN_FLIGHT at a time, not one per worker thread (anyio has 40)."""
+    from shared import image_check
+    from trainer import serving_app
+
+    lock, active, peak = threading.Lock(), [0], [0]
+    convert = image_check.to_rgb_image_bytes
+
+    def slow_convert(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.2)
+            return convert(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(image_check, "to_rgb_image_bytes", slow_convert)
+    monkeypatch.setattr(serving_app, "MODEL_CALLS_IN_FLIGHT", 2)
+    app = make_app(test_export, "model", ServingLimits(**LIMITS))
+    body = {"instances": [{"b64": b64(make_image_bytes((250, 10, 10), "TIFF"))}]}
+
+    async def six_at_once():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await asyncio.gather(*[c.post("/v1/models/model:predict", json=body) for _ in range(6)])
+
+    responses = asyncio.run(six_at_once())
+    assert [r.status_code for r in responses] == [200] * 6, responses[0].text
+    assert {r.json()["predictions"][0]["class_name"] for r in responses} == {"red"}
+    assert peak[0] == 2, f"{peak[0]} conversions ran at once with 2 model slots"
+
+
 def test_thread_spinning_is_switched_off_in_tensorflows_own_config_before_it_starts():
     """The switch goes through a private attribute of TF's eager context (TF2 has no public one): this
     fails when a TensorFlow release stops reading it, or starts before the switch can act."""

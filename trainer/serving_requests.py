@@ -60,16 +60,14 @@ class RequestRejected(Exception):
         self.message = message
 
 
-def parse_predict_request(body: bytes, limits: ServingLimits) -> list[bytes]:
-    """The request body -> one entry of model-ready image bytes per instance, in order.
+def check_predict_request(body: bytes, limits: ServingLimits) -> list[tuple[bytes, image_check.ImageHeader]]:
+    """The request body -> (image bytes, header) per instance, in order, every limit checked.
 
-    Every instance is read and its header checked before any is decoded, so a request over the
-    pixel budget costs header reads only; then each must decode in full (PIL) before the batch
-    goes to the model, so one bad image is refused by index instead of failing the others.
+    Only headers are read, so a request over the pixel budget costs header reads only; nothing
+    is decoded. `to_model_inputs` then converts what TF cannot read, which does decode.
     """
     instances = _read_instances(body, limits)
-    raw_images = []
-    headers = []
+    checked = []
     total_bytes = 0
     total_pixels = 0
     for index, instance in enumerate(instances):
@@ -88,10 +86,18 @@ def parse_predict_request(body: bytes, limits: ServingLimits) -> list[bytes]:
         if total_pixels > limits.max_request_pixels:
             raise RequestRejected(413, f"instances 0..{index} hold {total_pixels:,} pixels, over the per-request "
                                        f"limit of {limits.max_request_pixels:,}; send fewer or smaller images")
-        raw_images.append(data)
-        headers.append(header)
+        checked.append((data, header))
+    return checked
+
+
+def to_model_inputs(checked: list[tuple[bytes, image_check.ImageHeader]]) -> list[bytes]:
+    """Checked images -> bytes the serving signature decodes: JPEG, PNG and plain BMP as sent, any
+    other format decoded and re-encoded as PNG (`prepare_image_bytes`). That decode holds the whole
+    image in memory, so the server runs this in a model slot, as it runs the model's own decode.
+    No full decode with PIL first: TF refuses the same corrupt files, and the model then names the
+    image (`BatchDecodeError`)."""
     prepared = []
-    for index, (data, header) in enumerate(zip(raw_images, headers)):
+    for index, (data, header) in enumerate(checked):
         try:
             prepared.append(prepare_image_bytes(data, header, verify=False))
         except image_check.ImageRejected as e:

@@ -65,7 +65,10 @@ def _pil_header(data: bytes) -> ImageHeader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))  # lazy: parses the header, decodes nothing
-    except Exception as e:  # PIL raises UnidentifiedImageError, SyntaxError, struct.error ...
+    except Image.UnidentifiedImageError:  # its message names only an io.BytesIO object
+        raise ImageRejected("not_an_image", f"not a readable image: no image format starts with the bytes "
+                                            f"{data[:8].hex(' ')}") from None
+    except Exception as e:  # a known format's header that does not parse: SyntaxError, struct.error ...
         raise ImageRejected("not_an_image", f"not a readable image: {type(e).__name__}: {e}") from None
     width, height = image.size
     return ImageHeader(image.format or "unknown", image.mode, width, height)

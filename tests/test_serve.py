@@ -54,7 +54,13 @@ def files(tmp_path_factory):
     (root / "link_to_secret.txt").symlink_to(base / "secret.txt")
     (root / "link_to_image.png").symlink_to(outside / "red.png")
     (root / "link_to_outside_dir").symlink_to(outside, target_is_directory=True)
-    return {"root": str(root), "secret": str(base / "secret.txt"), "outside_image": str(outside / "red.png")}
+    (root / "shot:1.png").write_bytes(make_image_bytes((10, 10, 240)))  # a colon is not a URL scheme
+    os.mkfifo(root / "fifo")  # opening it for reading would wait for a writer forever
+    sibling = base / "root2"  # shares the root's name as a prefix: "under the root" is not startswith
+    sibling.mkdir()
+    (sibling / "red.png").write_bytes(make_image_bytes((250, 10, 10)))
+    return {"root": str(root), "secret": str(base / "secret.txt"), "outside_image": str(outside / "red.png"),
+            "sibling_image": str(sibling / "red.png")}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +133,10 @@ def test_predict_equals_the_saved_model_called_directly(client, direct, form):
         assert [p["class_name"] for p in predictions[:2]] == ["red", "green"]
     r = client.post("/v1/models/model/versions/1:predict", json={"instances": [wrap(IMAGES[0])]})
     assert_predictions_equal(r.json()["predictions"], direct(IMAGES[:1]))
+    # The metadata's "signature_name": "" echoed back means the default signature, as in TF Serving.
+    r = client.post("/v1/models/model:predict", json={"signature_name": "", "instances": [wrap(IMAGES[0])]})
+    assert r.status_code == 200, r.text
+    assert_predictions_equal(r.json()["predictions"], direct(IMAGES[:1]))
 
 
 def test_predictions_say_where_their_time_went_in_server_timing(client):
@@ -190,12 +200,12 @@ def test_web_safe_base64_and_a_non_tf_format_are_accepted(client, direct):
 
 def test_filenames_under_the_root_are_read_by_the_server(client, direct, files, test_export):
     instances = [{"filenames": "cats/red.png"}, {"filenames": os.path.join(files["root"], "blue.jpg")},
-                 {"filenames": "cats/../blue.jpg"}]
+                 {"filenames": "cats/../blue.jpg"}, {"filenames": "shot:1.png"}]
     r = client.post("/v1/models/model:predict", json={"instances": instances})
     assert r.status_code == 200, r.text
-    with open(os.path.join(files["root"], "cats/red.png"), "rb") as f1, open(os.path.join(files["root"], "blue.jpg"), "rb") as f2:
-        expected = direct([f1.read(), f2.read()])
-    assert_predictions_equal(r.json()["predictions"], expected + expected[1:])
+    names = ["cats/red.png", "blue.jpg", "blue.jpg", "shot:1.png"]
+    expected = direct([open(os.path.join(files["root"], name), "rb").read() for name in names])
+    assert_predictions_equal(r.json()["predictions"], expected)
     assert not os.path.exists(marker_path(test_export)), "the server called predict_filenames"
 
 
@@ -212,8 +222,9 @@ HOSTILE_PATHS = [
     ("{secret}", 403),  # absolute, outside
     ("{outside_image}", 403),  # absolute, outside, and a valid image
     ("link_to_secret.txt", 403), ("link_to_image.png", 403), ("link_to_outside_dir/red.png", 403),
-    ("gs://bucket/cats/red.png", 403), ("file://{secret}", 403), ("http://127.0.0.1:1/x.png", 403),
-    ("/dev/zero", 403), ("cats", 400),  # a folder under the root: not a regular file
+    ("gs://bucket/cats/red.png", 403), ("file://{secret}", 403), ("file:{secret}", 403), ("http://127.0.0.1:1/x.png", 403),
+    ("{sibling_image}", 403), ("../root2/red.png", 403),  # a folder whose name starts with the root's
+    ("/dev/zero", 403), ("cats", 400), ("fifo", 400),  # under the root but not regular files
     ("missing.png", 400),
 ]
 
@@ -233,7 +244,7 @@ def test_paths_outside_the_root_are_refused_and_never_opened(client, files, test
     assert set(r.json()) == {"error"} and r.json()["error"].startswith("instance 1:")
     assert SECRET not in r.text
     assert os.path.realpath(os.path.join(files["root"], "cats/red.png")) in opened  # the hook does see reads
-    for sentinel in (files["secret"], files["outside_image"], "/etc/passwd", "/dev/zero"):
+    for sentinel in (files["secret"], files["outside_image"], files["sibling_image"], "/etc/passwd", "/dev/zero"):
         assert os.path.realpath(sentinel) not in opened, f"the server opened {sentinel}"
     assert not os.path.exists(marker_path(test_export)), "the server called predict_filenames"
 
@@ -244,7 +255,8 @@ def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
     return {
         "invalid base64": ({"instances": [good, {"b64": "not*base64!"}]}, 400, "instance 1: invalid base64"),
         "base64 with a bad length": ({"instances": [{"b64": "abcde"}]}, 400, "instance 0: invalid base64"),
-        "not an image": ({"instances": [good, {"b64": b64(b"%PDF-1.4 hello")}]}, 400, "instance 1: not a readable image"),
+        "not an image": ({"instances": [good, {"b64": b64(b"%PDF-1.4 hello")}]}, 400,
+                         "instance 1: not a readable image: no image format starts with the bytes 25 50 44 46 2d 31 2e 34"),
         "truncated jpeg": ({"instances": [good, good, {"b64": b64(truncated)}]}, 400,
                            "instance 2: the image does not decode (corrupt or truncated: jpeg::Uncompress failed. Invalid JPEG data"),
         "decompression bomb header": ({"instances": [{"b64": b64(make_bomb_png_header())}]}, 413, "instance 0: 30000x30000"),
@@ -254,9 +266,18 @@ def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
         "too many instances": ({"instances": [good] * 9}, 413, "9 instances is over the limit of 8"),
         "predict_filenames signature": ({"signature_name": "predict_filenames", "instances": [good]}, 400, "is not served"),
         "columnar inputs": ({"inputs": {"image_bytes": [good]}}, 400, '"instances"'),
-        "empty instances": ({"instances": []}, 400, "non-empty"),
-        "raw string instance": ({"instances": ["aGVsbG8="]}, 400, "instance 0: expected"),
-        "image_bytes without b64": ({"instances": [{"image_bytes": "aGVsbG8="}]}, 400, 'instance 0: "image_bytes"'),
+        "empty instances": ({"instances": []}, 400, '"instances" must be a non-empty array, got an empty array'),
+        "instances an object": ({"instances": {"b64": "aGVsbG8="}}, 400, '"instances" must be a non-empty array, got an object'),
+        "raw string instance": ({"instances": ["aGVsbG8="]}, 400,
+                                'instance 0: expected {"image_bytes": {"b64": ...}}, {"b64": ...} or {"filenames": ...}, got a string'),
+        "instance with other keys": ({"instances": [{"bytes": "aGVsbG8="}]}, 400, "got an object with keys ['bytes']"),
+        "image_bytes without b64": ({"instances": [{"image_bytes": "aGVsbG8="}]}, 400,
+                                    'instance 0: "image_bytes" must be {"b64": "<base64>"} (binary data cannot travel '
+                                    'as a JSON string), got a string'),
+        "b64 a number": ({"instances": [good, {"b64": 12}]}, 400, 'instance 1: "b64" must be a string, got a number'),
+        "filenames a list": ({"instances": [{"filenames": ["cats/red.png"]}]}, 400,
+                             'instance 0: "filenames" must be one non-empty path string, got an array'),
+        "body an array": ([good], 400, 'the body must be a JSON object {"instances": [...]}, got an array'),
     }
 
 

@@ -26,8 +26,9 @@ import pybase64
 from shared import image_check
 from trainer.exported_model import SERVING_SIGNATURE, prepare_image_bytes
 
-# Any scheme prefix (gs://, http://, file://, s3://): such strings are never paths here.
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# A scheme and a slash (gs://, http://, file:/etc): such strings are refused by name, never paths
+# here. A colon alone is an ordinary file name character ("shot:1.png").
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 _WEB_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
@@ -111,8 +112,8 @@ def _read_instances(body: bytes, limits: ServingLimits) -> list[Any]:
     except orjson.JSONDecodeError as e:  # also invalid UTF-8 and nesting deeper than 1024
         raise RequestRejected(400, f"the body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(request, dict):
-        raise RequestRejected(400, f'the body must be a JSON object {{"instances": [...]}}, got {type(request).__name__}')
-    signature = request.get("signature_name", SERVING_SIGNATURE)
+        raise RequestRejected(400, f'the body must be a JSON object {{"instances": [...]}}, got {_json_kind(request)}')
+    signature = request.get("signature_name") or SERVING_SIGNATURE  # "" is the default, as in TF Serving
     if signature != SERVING_SIGNATURE:
         raise RequestRejected(400, f"signature_name {str(signature)[:100]!r} is not served; only {SERVING_SIGNATURE!r} is "
                                    f"(paths are sent as {{\"filenames\": ...}} instances, which this server reads itself)")
@@ -121,7 +122,8 @@ def _read_instances(body: bytes, limits: ServingLimits) -> list[Any]:
         raise RequestRejected(400, f'the body must have "instances" (row format); it has {keys}')
     instances = request["instances"]
     if not isinstance(instances, list) or not instances:
-        raise RequestRejected(400, '"instances" must be a non-empty list')
+        shown = "an empty array" if isinstance(instances, list) else _json_kind(instances)
+        raise RequestRejected(400, f'"instances" must be a non-empty array, got {shown}')
     if len(instances) > limits.max_instances:
         raise RequestRejected(413, f"{len(instances)} instances is over the limit of {limits.max_instances} "
                                    f"per request (--max_instances); split the request")
@@ -135,18 +137,19 @@ def _instance_bytes(index: int, instance: Any, limits: ServingLimits) -> bytes:
         value = instance["image_bytes"]
         if isinstance(value, dict) and set(value) == {"b64"}:
             return _decode_b64(index, value["b64"])
+        shown = f"an object with keys {sorted(value)[:5]}" if isinstance(value, dict) else _json_kind(value)
         raise RequestRejected(400, f'instance {index}: "image_bytes" must be {{"b64": "<base64>"}} (binary data '
-                                   f"cannot travel as a JSON string)")
+                                   f"cannot travel as a JSON string), got {shown}")
     if isinstance(instance, dict) and set(instance) == {"filenames"}:
         return read_file_under_root(index, instance["filenames"], limits)
-    shown = sorted(instance)[:5] if isinstance(instance, dict) else type(instance).__name__
+    shown = f"an object with keys {sorted(instance)[:5]}" if isinstance(instance, dict) else _json_kind(instance)
     raise RequestRejected(400, f'instance {index}: expected {{"image_bytes": {{"b64": ...}}}}, {{"b64": ...}} or '
                                f'{{"filenames": ...}}, got {shown}')
 
 
 def _decode_b64(index: int, text: Any) -> bytes:
     if not isinstance(text, str):
-        raise RequestRejected(400, f'instance {index}: "b64" must be a string, got {type(text).__name__}')
+        raise RequestRejected(400, f'instance {index}: "b64" must be a string, got {_json_kind(text)}')
     try:
         # Standard or web-safe alphabet (TF Serving takes both); anything else is an error, not skipped.
         if "-" in text or "_" in text:
@@ -168,7 +171,9 @@ def read_file_under_root(index: int, name: Any, limits: ServingLimits) -> bytes:
         raise RequestRejected(403, f'instance {index}: "filenames" instances are disabled; '
                                    f"start the server with --allow_root DIR to read files under DIR")
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise RequestRejected(400, f'instance {index}: "filenames" must be one non-empty path string')
+        shown = (_json_kind(name) if not isinstance(name, str) else
+                 "an empty string" if not name else "a string with a NUL character")
+        raise RequestRejected(400, f'instance {index}: "filenames" must be one non-empty path string, got {shown}')
     if _URL_SCHEME.match(name):
         raise RequestRejected(403, f"instance {index}: {name[:200]!r} is a URL; only paths under the allowed root are read")
     real = os.path.realpath(os.path.join(root, name))
@@ -193,6 +198,12 @@ def read_file_under_root(index: int, name: Any, limits: ServingLimits) -> bytes:
             return f.read(limits.max_body_bytes + 1)
     finally:
         os.close(fd)
+
+
+def _json_kind(value: Any) -> str:
+    """A parsed JSON value's kind, for error messages: "an array", "a string", "null", ..."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def _is_under(path: str, root: str) -> bool:

@@ -32,8 +32,10 @@ MODEL ?= dnn
 EPOCHS ?= 20
 TRAIN_FLAGS ?= $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--num_hidden 128 --crop_ratio 1.0 --with_flip false --with_color_distort false,)
 
-# Serving the last `make train`.
-EXPORT ?= $(JOB_DIR)/export
+# Serving the last `make train`: it writes its JOB_DIR to LAST_TRAIN, which `serve` and `bench-serve`
+# read unless JOB_DIR or EXPORT is given (`make demo` trains runs/demo, not runs/$(FORM)).
+LAST_TRAIN ?= runs/LAST_TRAIN
+EXPORT ?= $(if $(filter file,$(origin JOB_DIR)),$(or $(shell cat $(LAST_TRAIN) 2>/dev/null),$(JOB_DIR)),$(JOB_DIR))/export
 SERVE_FLAGS ?=
 
 # Local tuning on the ETL output.
@@ -84,6 +86,7 @@ train: $(STAMP)
 	test -f $(DATA)/metadata.json || $(MAKE) etl
 	$(PY) -m trainer.train --data $(DATA) --job_dir $(JOB_DIR) --strategy $(STRATEGY) --model $(MODEL) \
 	    --num_epochs $(EPOCHS) --image_size $(IMAGE_SIZE) $(TRAIN_FLAGS)
+	mkdir -p $(dir $(LAST_TRAIN)) && echo '$(JOB_DIR)' > $(LAST_TRAIN)
 
 serve: $(STAMP)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }

@@ -1,0 +1,32 @@
+"""The Makefile's promise that `make serve` serves the last `make train`, checked with `make -n`
+(which prints the recipes it would run and runs none)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def dry_run(*args: str) -> str:
+    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_train_records_its_job_dir_and_serve_reads_it(tmp_path):
+    last = tmp_path / "LAST_TRAIN"
+    assert f"echo 'runs/r7' > {last}" in dry_run("train", "JOB_DIR=runs/r7", f"LAST_TRAIN={last}")
+    last.write_text("runs/r7\n")
+    for target in ("serve", "bench-serve"):
+        assert "--model runs/r7/export" in dry_run(target, f"LAST_TRAIN={last}")
+
+
+def test_a_given_job_dir_or_export_wins_and_without_a_record_serve_falls_back_to_the_default(tmp_path):
+    last = tmp_path / "LAST_TRAIN"
+    last.write_text("runs/r7\n")
+    assert "--model runs/other/export" in dry_run("serve", "JOB_DIR=runs/other", f"LAST_TRAIN={last}")
+    assert "--model elsewhere/export" in dry_run("serve", "EXPORT=elsewhere/export", f"LAST_TRAIN={last}")
+    assert "--model runs/pixels/export" in dry_run("serve", f"LAST_TRAIN={tmp_path / 'missing'}")

@@ -46,7 +46,7 @@ def test_all_good_images_go_in_one_call_and_match_the_saved_model(test_export, i
     calls = []
     real_predict = model.predict
     model.predict = lambda batch: calls.append(len(batch)) or real_predict(batch)
-    results = predict.predict_files(model, images)
+    results = list(predict.predict_files(model, images))
 
     assert calls == [3], f"expected one call with the 3 good images, got calls of sizes {calls}"
     assert [r.file for r in results] == images
@@ -71,7 +71,7 @@ def test_batch_size_splits_the_calls(test_export, images):
     calls = []
     real_predict = model.predict
     model.predict = lambda batch: calls.append(len(batch)) or real_predict(batch)
-    predict.predict_files(model, images, batch_size=2)
+    list(predict.predict_files(model, images, batch_size=2))
     assert calls == [2, 1]
 
 
@@ -98,3 +98,61 @@ def test_cli_exits_zero_when_every_image_predicts(test_export, images, capsys):
     assert predict.run(["--model", test_export, *good]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and all("error" not in line for line in lines)
+
+
+def test_files_that_are_not_regular_or_too_big_get_an_error_line_and_nothing_waits(test_export, images, tmp_path):
+    """A FIFO would block the open until a writer came; a device or pipe reads as 'empty' through
+    tf.io.gfile. Each gets its own line, and the good image is still predicted."""
+    fifo, big = tmp_path / "fifo.png", tmp_path / "big.png"
+    os.mkfifo(fifo)
+    big.write_bytes(make_image_bytes((250, 10, 10), size=(400, 300)))
+    red = next(p for p in images if p.endswith("red.png"))
+    paths = [str(fifo), str(tmp_path), "/dev/null", red, str(big)]
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", test_export, "--max_file_mb", "0.1",
+                           *paths], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = {line["file"]: line for line in map(json.loads, proc.stdout.splitlines())}
+    assert list(lines) == paths and proc.returncode == 1
+    assert lines[str(fifo)]["error"] == "OSError: not a regular file (a FIFO or pipe)"
+    assert lines[str(tmp_path)]["error"] == "OSError: not a regular file (a folder)"
+    assert lines["/dev/null"]["error"] == "OSError: not a regular file (a character device)"
+    assert "error" not in lines[red]
+    assert f"the file has {big.stat().st_size:,} bytes, over --max_file_mb (0.1 MB)" in lines[str(big)]["error"]
+
+
+def test_results_come_as_each_call_returns_not_after_every_file_is_read(test_export, images, monkeypatch):
+    model = load_exported_model(test_export)
+    read = []
+    real_read = predict.read_image_file
+    monkeypatch.setattr(predict, "read_image_file", lambda path, *a: read.append(path) or real_read(path, *a))
+    results = predict.predict_files(model, images, batch_size=1)
+    first = next(results)
+    assert first.file == images[0] and first.prediction is not None
+    assert read == images[:1], "the first result waited for later files"
+    assert [r.file for r in [first, *results]] == images
+    assert read == images
+
+
+def test_the_grid_titles_each_image_with_its_class_and_probability(test_export, images, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles = []
+    real_set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, text, *a, **k: titles.append(text) or real_set_title(self, text, *a, **k))
+    results = list(predict.predict_files(load_exported_model(test_export), images))
+    predicted = [r for r in results if r.prediction is not None]
+    assert predict.write_prediction_grid(results, str(tmp_path / "grid.png")) == len(predicted) == 3
+    assert titles == [f"{r.prediction['class_name']} ({r.prediction['probability']:.2f})\n{os.path.basename(r.file)}"
+                      for r in predicted]
+    with Image.open(tmp_path / "grid.png") as picture:
+        assert picture.format == "PNG"
+
+
+def test_a_grid_that_cannot_be_written_is_a_usage_error_before_any_prediction(test_export, images, tmp_path, capsys):
+    for grid, problem in [(tmp_path / "no_such_folder" / "grid.png", "does not exist"), (tmp_path, "is a folder")]:
+        with pytest.raises(SystemExit) as e:
+            predict.run(["--model", test_export, "--grid", str(grid), *images])
+        assert e.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and problem in err

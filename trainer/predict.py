@@ -5,7 +5,8 @@
 
 Each line is {"file", "class_name", "class_index", "probability"}, or {"file", "error"} for a file that
 cannot be read or decoded; the others are still predicted, and the exit status is 1 if any failed.
-Files may be local or gs:// (read with tf.io.gfile); the bytes, never the paths, go to the model.
+Files may be local or gs:// (read with tf.io.gfile); the bytes, never the paths, go to the model,
+in calls of up to --batch_size images, each call's lines printed as it returns.
 """
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ import dataclasses
 import io
 import json
 import math
+import os
+import stat
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from shared import image_check
 from trainer.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
                                     prepare_image_bytes)
 
-# One call per this many images: a shell glob of 10,000 files must not decode all of them at once.
+# One call per this many images, and results printed as each call returns: a shell glob of 10,000
+# files must neither decode nor hold all of them at once.
 DEFAULT_BATCH_SIZE = 128
+DEFAULT_MAX_FILE_MB = 64.0  # the ETL's --max_file_mb: files are read whole, so refuse bigger ones first
 GRID_COLUMNS = 5
 GRID_MAX_IMAGES = 50  # a bigger grid is unreadable; the rest are left out with a note on stderr
 
@@ -42,31 +47,51 @@ class FilePrediction:
                            "probability": p["probability"]})
 
 
-def read_image_file(path: str, max_pixels: int) -> bytes:
-    """The file's bytes made model-ready, or OSError / ImageRejected saying why not."""
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
+                    max_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)) -> bytes:
+    """The file's bytes made model-ready, or OSError / ImageRejected saying why not.
+
+    A local path must be a regular file: opening a FIFO waits for a writer forever, and a device
+    or pipe reports size 0 ("empty") to tf.io.gfile. Files over `max_bytes` are refused unread."""
     import tensorflow as tf
 
+    if "://" not in path:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise OSError(f"cannot read: {e.strerror}") from None
+        kinds = [kind for test, kind in _NOT_REGULAR if test(mode)]
+        if kinds or not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({kinds[0] if kinds else oct(stat.S_IFMT(mode))})")
     try:
+        size = tf.io.gfile.stat(path).length
+        if size > max_bytes:
+            raise image_check.ImageRejected("too_large", f"the file has {size:,} bytes, over --max_file_mb "
+                                                         f"({max_bytes / 2**20:.3g} MB)")
         with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
+            data = f.read(max_bytes + 1)
     except tf.errors.OpError as e:
         raise OSError(f"cannot read: {e.message}") from None
+    if len(data) > max_bytes:  # it grew since the stat
+        raise image_check.ImageRejected("too_large", f"the file has over {max_bytes:,} bytes (--max_file_mb)")
     return prepare_image_bytes(data, image_check.read_header(data, max_pixels))
 
 
 def predict_files(model: ExportedModel, paths: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
-                  max_pixels: int = image_check.DEFAULT_MAX_PIXELS) -> list[FilePrediction]:
-    """One FilePrediction per path, in order; files are read and checked first, then predicted in
-    calls of up to `batch_size` images (all of them in one call when there are fewer)."""
-    results: list[FilePrediction | None] = [None] * len(paths)
-    ready: list[tuple[int, bytes]] = []
-    for position, path in enumerate(paths):
-        try:
-            ready.append((position, read_image_file(path, max_pixels)))
-        except (OSError, image_check.ImageRejected) as e:
-            results[position] = FilePrediction(path, error=f"{type(e).__name__}: {e}")
-    for start in range(0, len(ready), batch_size):
-        batch = ready[start:start + batch_size]
+                  max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
+                  max_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)) -> Iterator[FilePrediction]:
+    """One FilePrediction per path, in the paths' order, yielded as they are known: the readable
+    images go to the model in calls of `batch_size` (all in one call when there are fewer), and
+    only one call's images are held at a time."""
+    pending: list[tuple[int, bytes | FilePrediction]] = []  # (position, model-ready bytes or a failure), in order
+
+    def predict_pending() -> Iterator[FilePrediction]:
+        batch = [(position, item) for position, item in pending if isinstance(item, bytes)]
+        done: dict[int, FilePrediction] = {position: item for position, item in pending if not isinstance(item, bytes)}
         while batch:
             try:
                 predictions = model.predict([data for _, data in batch])
@@ -74,12 +99,26 @@ def predict_files(model: ExportedModel, paths: Sequence[str], batch_size: int = 
                 if e.index < 0:
                     raise
                 position, _ = batch.pop(e.index)  # the model refused this one: report it, predict the rest
-                results[position] = FilePrediction(paths[position], error=f"the model cannot decode it: {e.detail}")
+                done[position] = FilePrediction(paths[position], error=f"the model cannot decode it: {e.detail}")
                 continue
             for (position, data), prediction in zip(batch, predictions):
-                results[position] = FilePrediction(paths[position], image=data, prediction=prediction)
+                done[position] = FilePrediction(paths[position], image=data, prediction=prediction)
             break
-    return results
+        for position, _ in pending:
+            yield done[position]
+        pending.clear()
+
+    ready = 0
+    for position, path in enumerate(paths):
+        try:
+            pending.append((position, read_image_file(path, max_pixels, max_bytes)))
+            ready += 1
+        except (OSError, image_check.ImageRejected) as e:
+            pending.append((position, FilePrediction(path, error=f"{type(e).__name__}: {e}")))
+        if ready == batch_size:
+            yield from predict_pending()
+            ready = 0
+    yield from predict_pending()
 
 
 def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -> int:
@@ -105,9 +144,13 @@ def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -
         ax.imshow(image)
         ax.set_title(f"{r.prediction['class_name']} ({r.prediction['probability']:.2f})\n{_short(r.file)}", fontsize=9)
     fig.tight_layout()
-    with open(output_path, "wb") as f:  # local file: matplotlib cannot write gs://
-        fig.savefig(f, format="png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(output_path, "wb") as f:  # local or gs://
+        f.write(png.getvalue())
     return len(shown)
 
 
@@ -116,38 +159,70 @@ def _short(path: str, limit: int = 30) -> str:
     return name if len(name) <= limit else "..." + name[-(limit - 3):]
 
 
+def grid_path_problem(path: str) -> str | None:
+    """Why `--grid path` could not be written, checked before any prediction; None if it can be
+    (gs:// paths are checked when written)."""
+    if "://" in path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name such as {os.path.join(path, 'grid.png')}"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the export folder a training run wrote (runs/<run>/export)")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the images and their predictions here")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the images and their predictions here "
+                                                f"(the first {GRID_MAX_IMAGES}), local or gs://")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per model call (default: %(default)s)")
     p.add_argument("--max_pixels", type=int, default=image_check.DEFAULT_MAX_PIXELS,
                    help="refuse images whose header claims more pixels (default: %(default)s, the ETL's)")
+    p.add_argument("--max_file_mb", type=float, default=DEFAULT_MAX_FILE_MB,
+                   help="refuse files larger than this, unread (default: %(default)s, the ETL's)")
     p.add_argument("files", nargs="+", help="image files (JPEG, PNG, GIF, BMP, or anything PIL reads), local or gs://")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error(f"--batch_size must be positive, got {args.batch_size}")
+    if not 0 < args.max_file_mb < math.inf:
+        p.error(f"--max_file_mb must be a positive number, got {args.max_file_mb}")
+    if args.grid and grid_path_problem(args.grid):
+        p.error(f"--grid {args.grid}: {grid_path_problem(args.grid)}")
+
+    import tensorflow as tf
 
     try:
         model = load_exported_model(args.model)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = predict_files(model, args.files, args.batch_size, args.max_pixels)
-    for r in results:
-        print(r.to_json())
-    failed = sum(r.error is not None for r in results)
+    total = failed = predicted = 0
+    for_grid: list[FilePrediction] = []
+    for r in predict_files(model, args.files, args.batch_size, args.max_pixels, int(args.max_file_mb * 2**20)):
+        print(r.to_json(), flush=True)
+        total += 1
+        failed += r.error is not None
+        predicted += r.prediction is not None
+        if args.grid and r.prediction is not None and len(for_grid) < GRID_MAX_IMAGES:
+            for_grid.append(r)
     if args.grid:
         try:
-            shown = write_prediction_grid(results, args.grid)
-            note = f" (the first {shown} of {len(results) - failed})" if shown < len(results) - failed else ""
+            shown = write_prediction_grid(for_grid, args.grid)
+            note = f" (the first {shown} of {predicted})" if shown < predicted else ""
             print(f"wrote {args.grid}{note}", file=sys.stderr)
         except ValueError as e:
             print(f"error: no grid: {e}", file=sys.stderr)
             failed = failed or 1
+        except (OSError, tf.errors.OpError) as e:
+            print(f"error: cannot write the grid to {args.grid}: {getattr(e, 'message', None) or e}", file=sys.stderr)
+            failed = failed or 1
     if failed:
-        print(f"{failed} of {len(results)} images failed", file=sys.stderr)
+        print(f"{failed} of {total} images failed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -18,12 +18,10 @@ Image.MAX_IMAGE_PIXELS = None
 # 40 MP: larger than any phone photo (a 48 MP sensor bins to 12 MP), and 40e6 x 3 bytes = 120 MB decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
 
-# Formats passed to TensorFlow's decode_image as they are; anything else becomes PNG first.
-# Not GIF, although TF reads it: decode_image decodes every frame even with
-# expand_animations=False (120 frames of 1000x1000 took 3.3 s), and the header gives one
-# frame's size, so a small animated GIF could hold gigabytes of pixels.
-# BMP only in the one layout TF reads right (`_tf_reads_bmp_as_is`).
-TF_DECODABLE_FORMATS = ("JPEG", "PNG")
+# JPEG, opaque PNG and plain BMP are passed to TensorFlow's decode_image as they are
+# (`to_tf_decodable`); anything else becomes PNG first. Not GIF, although TF reads it: decode_image
+# decodes every frame even with expand_animations=False (120 frames of 1000x1000 took 3.3 s), and
+# the header gives one frame's size, so a small animated GIF could hold gigabytes of pixels.
 
 
 class ImageRejected(ValueError):
@@ -186,10 +184,30 @@ def _tf_reads_bmp_as_is(data: bytes) -> bool:
     return header_size >= 40 and bits_per_pixel in (24, 32) and compression == 0
 
 
+def _png_has_transparency(data: bytes, header: ImageHeader) -> bool:
+    """True for a PNG with an alpha channel, or a palette PNG with a tRNS chunk (which must come
+    before the first IDAT). A grey or RGB PNG's tRNS (one transparent colour) PIL ignores too."""
+    if header.mode in ("RGBA", "LA"):
+        return True
+    if header.mode != "P":
+        return False
+    pos = 8
+    while pos + 8 <= len(data):
+        kind = data[pos + 4:pos + 8]
+        if kind in (b"tRNS", b"IDAT"):
+            return kind == b"tRNS"
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return False
+
+
 def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
     """Bytes that TF's decode_image reads as the image the header describes: the original for
-    JPEG, PNG and plain 24/32-bit BMP, the first frame as RGB PNG (lossless) for everything else."""
-    if header.format in TF_DECODABLE_FORMATS or (header.format == "BMP" and _tf_reads_bmp_as_is(data)):
+    JPEG, opaque PNG and plain 24/32-bit BMP; the first frame as RGB PNG (lossless) for everything
+    else, transparency flattened onto white as `to_rgb_image_bytes` does for the jpeg form. (TF's
+    decode with 3 channels drops alpha and shows whatever colour the transparent pixels store,
+    often black: training on the jpeg form and serving a transparent PNG would disagree.)"""
+    if header.format == "JPEG" or (header.format == "PNG" and not _png_has_transparency(data, header)) \
+            or (header.format == "BMP" and _tf_reads_bmp_as_is(data)):
         return data
     try:
         return to_rgb_image_bytes(data, "PNG")

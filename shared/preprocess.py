@@ -13,8 +13,9 @@ RESIZE_ANTIALIAS = False
 
 # Written into the sidecar so that a reader knows exactly how `pixels` were made.
 DESCRIPTION = {
-    "decode": ("tf.io.decode_image(channels=3, expand_animations=False) of JPEG, PNG or uncompressed 24/32-bit BMP "
-               "bytes; any other format's first frame is converted to RGB PNG first (shared.image_check.to_tf_decodable)"),
+    "decode": ("tf.io.decode_image(channels=3, expand_animations=False) of JPEG, opaque PNG or uncompressed 24/32-bit "
+               "BMP bytes; any other image's first frame is converted to RGB PNG first, transparency flattened onto "
+               "white (shared.image_check.to_tf_decodable)"),
     "dtype": "float32",
     "scaling": "tf.image.convert_image_dtype: uint8 / 255 -> [0, 1]",
     "resize": {"method": RESIZE_METHOD, "antialias": RESIZE_ANTIALIAS, "preserve_aspect_ratio": False},

@@ -186,3 +186,30 @@ def test_the_model_sees_a_bmp_as_pil_does(name):
     assert (prepared is data) == as_sent
     seen_by_model = tf.io.decode_image(prepared, channels=3, expand_animations=False).numpy()
     np.testing.assert_array_equal(seen_by_model, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def half_transparent(mode: str) -> bytes:
+    """A PNG whose left half is opaque red and right half fully transparent, stored as black."""
+    pixels = np.zeros((30, 40, 4), np.uint8)
+    pixels[:, :20] = (200, 0, 0, 255)
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "P":  # palette entry 0 is the transparent black
+        return encode(image.convert("RGB").convert("P"), "PNG", transparency=0)
+    return encode(image.convert(mode), "PNG")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_the_model_sees_a_transparent_png_on_white_as_the_jpeg_form_stores_it(mode):
+    """TF's 3-channel decode drops alpha and shows the colour transparent pixels store (black
+    here), while the jpeg form flattens onto white: served and trained images would differ."""
+    data = half_transparent(mode)
+    seen_by_model = tf.io.decode_image(image_check.to_tf_decodable(data, image_check.read_header(data)), channels=3)
+    jpeg_form = Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))  # its pixels before JPEG coding
+    np.testing.assert_array_equal(seen_by_model.numpy(), np.asarray(jpeg_form))
+    assert seen_by_model.numpy()[0, 30].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
+def test_an_opaque_png_reaches_the_model_as_sent(mode):
+    data = encode(photo(mode), "PNG")
+    assert image_check.to_tf_decodable(data, image_check.read_header(data)) is data

@@ -265,6 +265,7 @@ def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
         "too many pixels in all": ({"instances": [{"b64": b64(make_bomb_png_header(800, 800))}] * 2}, 413, "per-request"),
         "too many instances": ({"instances": [good] * 9}, 413, "9 instances is over the limit of 8"),
         "predict_filenames signature": ({"signature_name": "predict_filenames", "instances": [good]}, 400, "is not served"),
+        "signature_name not a string": ({"signature_name": 0, "instances": [good]}, 400, "signature_name '0' is not served"),
         "columnar inputs": ({"inputs": {"image_bytes": [good]}}, 400, '"instances"'),
         "empty instances": ({"instances": []}, 400, '"instances" must be a non-empty array, got an empty array'),
         "instances an object": ({"instances": {"b64": "aGVsbG8="}}, 400, '"instances" must be a non-empty array, got an object'),

@@ -64,9 +64,9 @@ def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
             mode = os.stat(path).st_mode
         except OSError as e:
             raise OSError(f"cannot read: {e.strerror}") from None
-        kinds = [kind for test, kind in _NOT_REGULAR if test(mode)]
-        if kinds or not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({kinds[0] if kinds else oct(stat.S_IFMT(mode))})")
+        if not stat.S_ISREG(mode):
+            kind = next((kind for is_kind, kind in _NOT_REGULAR if is_kind(mode)), oct(stat.S_IFMT(mode)))
+            raise OSError(f"not a regular file ({kind})")
     try:
         size = tf.io.gfile.stat(path).length
         if size > max_bytes:

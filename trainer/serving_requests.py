@@ -92,8 +92,8 @@ def check_predict_request(body: bytes, limits: ServingLimits) -> list[tuple[byte
 
 
 def to_model_inputs(checked: list[tuple[bytes, image_check.ImageHeader]]) -> list[bytes]:
-    """Checked images -> bytes the serving signature decodes: JPEG, PNG and plain BMP as sent, any
-    other format decoded and re-encoded as PNG (`prepare_image_bytes`). That decode holds the whole
+    """Checked images -> bytes the serving signature decodes: JPEG, opaque PNG and plain BMP as sent,
+    anything else decoded and re-encoded as PNG (`prepare_image_bytes`). That decode holds the whole
     image in memory, so the server runs this in a model slot, as it runs the model's own decode.
     No full decode with PIL first: TF refuses the same corrupt files, and the model then names the
     image (`BatchDecodeError`)."""
@@ -113,8 +113,8 @@ def _read_instances(body: bytes, limits: ServingLimits) -> list[Any]:
         raise RequestRejected(400, f"the body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(request, dict):
         raise RequestRejected(400, f'the body must be a JSON object {{"instances": [...]}}, got {_json_kind(request)}')
-    signature = request.get("signature_name") or SERVING_SIGNATURE  # "" is the default, as in TF Serving
-    if signature != SERVING_SIGNATURE:
+    signature = request.get("signature_name", "")
+    if signature not in ("", SERVING_SIGNATURE):  # "" is the default, as in TF Serving
         raise RequestRejected(400, f"signature_name {str(signature)[:100]!r} is not served; only {SERVING_SIGNATURE!r} is "
                                    f"(paths are sent as {{\"filenames\": ...}} instances, which this server reads itself)")
     if "instances" not in request:

@@ -1,5 +1,6 @@
 """ETL -> train -> export on the digits sample, for each record form; the export is checked against
 the labels, against itself (bytes vs file names) and against the trained model (no skew)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,6 +108,9 @@ def test_run_folder_holds_config_curves_metrics_and_provenance(digits_run):
     assert open(os.path.join(export_dir, export.DATASET_METADATA_FILE)).read() == \
         open(os.path.join(config.data, "metadata.json")).read()
     assert train.train_and_export(config) == metrics  # rerunning a finished run returns its metrics
+    # ... and with other flags it says so instead of returning the old run's metrics as theirs
+    with pytest.raises(ValueError, match=r"holds a finished run with other flags .*'num_epochs': \(20, 40\)"):
+        train.train_and_export(dataclasses.replace(config, num_epochs=40))
 
 
 def test_saved_model_cli_shows_both_signatures(digits_run):

@@ -54,17 +54,24 @@ def _backup_exists(job_dir: str) -> bool:
     return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief")) is not None
 
 
+def _refuse_other_flags(config: config_lib.TrainConfig, what: str) -> None:
+    """ValueError naming each flag that differs from the run already in job_dir (its config.json)."""
+    path = os.path.join(config.job_dir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        old = json.load(f).get("flags", {})
+    changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(config).items() if old.get(k) != v}
+    if changed:
+        raise ValueError(f"{config.job_dir} holds {what} with other flags (old, new): {changed}; "
+                         f"rerun with the same flags, or use another --job_dir")
+
+
 def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: bool, is_chief: bool) -> None:
     """Refuses to resume a run with other flags; writes config.json; clears a stale epoch log."""
     path = os.path.join(config.job_dir, CONFIG_FILE)
-    if resuming and tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            old = json.load(f).get("flags", {})
-        new = dataclasses.asdict(config)
-        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-        if changed:
-            raise ValueError(f"{config.job_dir} holds a run with other flags (old, new): {changed}; "
-                             "rerun with the same flags to resume, or use another --job_dir")
+    if resuming:
+        _refuse_other_flags(config, "an interrupted run")
     if not is_chief:
         return
     tf.io.gfile.makedirs(config.job_dir)
@@ -115,9 +122,11 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     metrics_path = os.path.join(config.job_dir, METRICS_FILE)
     if tf.io.gfile.exists(metrics_path) and tf.io.gfile.exists(os.path.join(config.job_dir, EXPORT_DIR, "saved_model.pb")):
         # Every worker sees this, so none of them starts training alone (it would wait for the others).
-        logging.info("%s is a finished run; returning its metrics", config.job_dir)
+        _refuse_other_flags(config, "a finished run")  # new flags silently ignored would look like a result
         with tf.io.gfile.GFile(metrics_path) as f:
-            return json.load(f) if placement.is_chief else {}
+            metrics = json.load(f)
+        logging.info("%s is a finished run with these flags; its metrics: %s", config.job_dir, json.dumps(metrics))
+        return metrics if placement.is_chief else {}
 
     meta = ingest.load_dataset_metadata(config.data)
     spec = resolve_model_spec(config, meta)

@@ -112,11 +112,13 @@ def test_book_search_space_becomes_a_study_spec_whose_parameters_the_trainer_par
     assert study.algorithm.name == "ALGORITHM_UNSPECIFIED"  # Vertex's Bayesian optimisation
     assert study.metrics[0].goal.name == "MAXIMIZE"
     options = {o: a for a in make_arg_parser()._actions for o in a.option_strings}
-    for p in study.parameters:  # the way Vertex passes values: --name=value
-        values = (list(p.categorical_value_spec.values) or [int(v) for v in p.discrete_value_spec.values]
+    for p in study.parameters:  # the way Vertex passes values: --name=value, DISCRETE ones as floats ("16.0")
+        values = (list(p.categorical_value_spec.values) or list(p.discrete_value_spec.values)
                   or [p.double_value_spec.min_value, p.double_value_spec.max_value])
         for v in values:
-            options[f"--{p.parameter_id}"].type(str(v))
+            parsed = options[f"--{p.parameter_id}"].type(str(v))
+            if p.discrete_value_spec.values:
+                assert isinstance(parsed, int) and parsed == v, (p.parameter_id, v, parsed)
 
 
 def test_grid_search_maps_to_grid_search_and_caps_the_budget_at_the_grid():

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from tests import trainer_fixtures as fx
 from trainer import callbacks, config as config_lib, train
@@ -94,3 +95,29 @@ def test_an_unusable_strategy_is_a_one_line_error(tmp_path, capsys, monkeypatch,
     assert code == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_int_flags_take_vertex_discrete_floats_and_refuse_fractions_and_bad_seeds(capsys):
+    config = config_lib.parse_config(["--data", "d", "--job_dir", "r", "--batch_size=16.0", "--num_hidden", "128"])
+    assert (config.batch_size, config.num_hidden) == (16, 128) and isinstance(config.batch_size, int)
+    for flags, message in [(["--batch_size", "16.5"], "'16.5' is not a whole number"),
+                           (["--seed", "-1"], "--seed must be in [0, 2**32), got -1")]:
+        with pytest.raises(SystemExit):
+            config_lib.parse_config(["--data", "d", "--job_dir", "r", *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_auto_falls_back_from_a_tpu_hint_without_a_tpu_and_tpu_names_an_unreachable_one(monkeypatch):
+    import urllib.error
+
+    from trainer import strategy as strategy_lib
+
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v3-8")  # what a TPU VM sets; no TPU is reachable here
+    assert strategy_lib.get_strategy("auto").name == "one_device"
+
+    def unreachable(*args, **kwargs):  # what the resolver raises when GCE's metadata server is not there
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", unreachable)
+    with pytest.raises(ValueError, match=r"--strategy tpu: no TPU resolves \(URLError: .*Name or service"):
+        strategy_lib.get_strategy("tpu")

@@ -62,22 +62,38 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    required=os.environ.get("AIP_MODEL_DIR") is None, help="run folder; rerunning resumes")
     p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
     p.add_argument("--model", choices=MODELS, default=defaults.model)
-    p.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    p.add_argument("--num_epochs", type=int, default=defaults.num_epochs)
-    p.add_argument("--num_training_examples", type=int, default=defaults.num_training_examples)
+    p.add_argument("--batch_size", type=whole_number, default=defaults.batch_size)
+    p.add_argument("--num_epochs", type=whole_number, default=defaults.num_epochs)
+    p.add_argument("--num_training_examples", type=whole_number, default=defaults.num_training_examples)
     p.add_argument("--lrate", type=float, default=defaults.lrate)
     p.add_argument("--l1", type=float, default=defaults.l1)
     p.add_argument("--l2", type=float, default=defaults.l2)
-    p.add_argument("--num_hidden", type=int, default=defaults.num_hidden)
+    p.add_argument("--num_hidden", type=whole_number, default=defaults.num_hidden)
     p.add_argument("--crop_ratio", type=float, default=defaults.crop_ratio)
     p.add_argument("--with_flip", type=parse_bool, default=defaults.with_flip)
     p.add_argument("--with_color_distort", type=parse_bool, default=defaults.with_color_distort)
-    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--patience", type=whole_number, default=defaults.patience)
     p.add_argument("--hub_handle", default=defaults.hub_handle)
-    p.add_argument("--image_size", type=int, default=defaults.image_size)
+    p.add_argument("--image_size", type=whole_number, default=defaults.image_size)
     p.add_argument("--cache", type=parse_bool, nargs="?", const=True, default=defaults.cache)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=whole_number, default=defaults.seed)
     return p
+
+
+def whole_number(text: str) -> int:
+    """An int flag's value; "16.0" too, since Vertex AI's tuning service passes DISCRETE values as
+    floats ("--batch_size=16.0"), which argparse's int refuses, failing every trial."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -104,6 +120,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         problems.append(f"--image_size must be at least 32, got {config.image_size}")
     if config.patience < 0:
         problems.append(f"--patience must be >= 0, got {config.patience}")
+    if not 0 <= config.seed < 2**32:
+        problems.append(f"--seed must be in [0, 2**32), got {config.seed}")
     if problems:
         parser.error("; ".join(problems))
     return config

@@ -33,8 +33,9 @@ def _tpu_strategy() -> tf.distribute.Strategy:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)  # wipes the TPU's memory: do it before any work
-    except (ValueError, tf.errors.NotFoundError) as e:
-        raise ValueError(f"--strategy tpu: no TPU resolves ({e}); use --strategy auto or mirrored") from None
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:  # OSError: the metadata server's URLError
+        raise ValueError(f"--strategy tpu: no TPU resolves ({type(e).__name__}: {e}); "
+                         f"use --strategy auto or mirrored") from None
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -80,7 +81,7 @@ def get_strategy(name: str) -> Placement:
         if any(os.environ.get(k) for k in TPU_HINTS) or os.path.exists("/dev/accel0"):  # accel0: a TPU VM's chip
             try:
                 return Placement(_tpu_strategy(), "tpu")
-            except RuntimeError as e:
+            except ValueError as e:  # a TPU hint but no TPU: auto means "the best there is"
                 logging.warning("auto: %s; falling back to GPUs/CPU", e)
         if len(tf.config.list_physical_devices("GPU")) > 1:
             return Placement(_mirrored_strategy(), "mirrored")

@@ -60,16 +60,38 @@ def test_jpeg_form_decodes_with_the_shared_function_to_the_padded_size(jpeg_dir)
     np.testing.assert_array_equal(x.numpy(), expected)
 
 
-def test_train_input_repeats_for_virtual_epochs_and_shuffles(pixels_dir):
-    meta = ingest.load_dataset_metadata(pixels_dir)
+@pytest.fixture(scope="module")
+def one_file_dir(tmp_path_factory, images):
+    """The train split in one file, so that nothing but the shuffle can change its order."""
+    out = str(tmp_path_factory.mktemp("one_file"))
+    fx.write_dataset(out, images, "pixels", image_size=32, shards_per_split={"train": 1, "valid": 1, "test": 1})
+    return out
+
+
+def _example_ids(batches) -> list[float]:
+    return [round(float(x.sum()), 3) for batch, _ in batches for x in batch.numpy()]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_train_input_repeats_for_virtual_epochs_and_shuffles(one_file_dir, cache):
+    """One file, so only the shuffle can change the order. Without --cache the records stream
+    through a buffer of 8 batches across passes; with it each pass is the whole data, shuffled in
+    full: with batches of 1 a buffer of 8 would put one of the file's first 8 records first in
+    every pass, a full shuffle often does not."""
+    meta = ingest.load_dataset_metadata(one_file_dir)
     n = meta.splits["train"].num_examples
-    ds = ingest.make_train_dataset(meta, pixels_dir, 4, input_size=32, seed=1)
-    batches = 3 * n // 4  # about three passes over the data, in full batches
-    labels = np.concatenate([y.numpy() for _, y in ds.take(batches)])
-    assert labels.shape == (batches * 4,) and len(labels) > 2 * n
+    assert n > 2 * ingest.SHUFFLE_BATCHES
+    file_order = _example_ids(ingest.make_eval_dataset(meta, one_file_dir, "train", 1, input_size=32))
+    ds = ingest.make_train_dataset(meta, one_file_dir, 1, input_size=32, seed=1, cache=cache)
     assert ds.options().deterministic is False
-    in_file_order = [r["label"] for r in _records(meta, pixels_dir, "train")]
-    assert list(labels[:n]) != in_file_order, "the first pass came out in file order: no shuffling"
+    stream = _example_ids(ds.take(12 * n))  # virtual epochs: the stream goes on past the data
+    passes = [stream[k * n:(k + 1) * n] for k in range(12)]
+    assert passes[0] != file_order and passes[1] != passes[0], "not shuffled, or the same order each pass"
+    assert set(stream) == set(file_order)
+    if cache:
+        assert all(sorted(p) == sorted(file_order) for p in passes), "a cached pass is not exactly the data"
+        first_positions = {file_order.index(p[0]) for p in passes}
+        assert max(first_positions) >= ingest.SHUFFLE_BATCHES, f"only a local shuffle: passes began at {first_positions}"
 
 
 def test_cache_gives_the_same_examples(pixels_dir):
@@ -82,18 +104,25 @@ def test_cache_gives_the_same_examples(pixels_dir):
     np.testing.assert_allclose(sums, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("train_files", [3, 1])
+@pytest.mark.parametrize("train_files", [4, 3, 1])
 def test_workers_read_disjoint_parts_that_cover_the_data(tmp_path, images, train_files):
+    """Evaluation and training alike; 4 files go 2 per worker, 3 or 1 are split by record."""
     out = str(tmp_path / "d")
     meta = fx.write_dataset(out, images, "pixels", shards_per_split={"train": train_files, "valid": 1, "test": 1})
-    seen = []
-    for index in range(2):
-        shard = ingest.InputShard(num_workers=2, worker_index=index)
-        ds = ingest.make_eval_dataset(meta, out, "train", 4, input_size=32, shard=shard)
-        seen.append(sorted(float(x.sum()) for batch, _ in ds for x in batch.numpy()))
-    assert not set(seen[0]) & set(seen[1]), "two workers read the same example"
-    assert len(seen[0]) + len(seen[1]) == meta.splits["train"].num_examples
-    assert seen[0] and seen[1], "one worker got nothing"
+    n = meta.splits["train"].num_examples
+    for read in ("eval", "train"):
+        seen = []
+        for index in range(2):
+            shard = ingest.InputShard(num_workers=2, worker_index=index)
+            if read == "eval":
+                ds = ingest.make_eval_dataset(meta, out, "train", 4, input_size=32, shard=shard)
+            else:  # six passes' worth of the endless stream: each worker's set is its whole part
+                ds = ingest.make_train_dataset(meta, out, 4, input_size=32, seed=3, shard=shard).take(3 * n // 4)
+            seen.append(_example_ids(ds))
+        parts = [set(ids) for ids in seen]
+        assert not parts[0] & parts[1], f"{read}: two workers read the same example"
+        assert len(parts[0]) + len(parts[1]) == n, f"{read}: the workers' parts do not cover the data"
+        assert abs(len(parts[0]) - len(parts[1])) <= train_files, f"{read}: unbalanced parts {len(parts[0])}, {len(parts[1])}"
 
 
 def test_sharding_says_whether_by_file_or_by_record(tmp_path, images, caplog):
@@ -103,7 +132,7 @@ def test_sharding_says_whether_by_file_or_by_record(tmp_path, images, caplog):
     out = str(tmp_path / "d")
     meta = fx.write_dataset(out, images, "pixels", shards_per_split={"train": 1, "valid": 1, "test": 1})
     ingest.make_train_dataset(meta, out, 4, input_size=32, seed=0, shard=ingest.InputShard(2, 0))
-    assert "by record (1 files < 2 workers" in caplog.text
+    assert "by record (1 files do not divide among 2 workers" in caplog.text
 
 
 # --- bad data ------------------------------------------------------------------------------------

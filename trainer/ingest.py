@@ -102,7 +102,10 @@ def _read_records(files: list[str], shard: InputShard, shuffle_seed: int | None,
     """Interleaved records from `files`, sharded for this worker; returns (dataset, how it was sharded)."""
     file_ds = tf.data.Dataset.from_tensor_slices(files)
     how = "none (1 worker)"
-    by_file = shard.num_workers > 1 and len(files) >= shard.num_workers
+    # By file only when every worker gets as many files (the ETL's shards are within a few records of
+    # each other): MultiWorkerMirroredStrategy takes a batch from every worker each step, so with 3
+    # files over 2 workers the one with 1 file would show its records twice as often.
+    by_file = shard.num_workers > 1 and len(files) % shard.num_workers == 0
     if by_file:
         # Before the shuffle: each worker keeps its own files for the whole run.
         file_ds = file_ds.shard(shard.num_workers, shard.worker_index)
@@ -112,11 +115,15 @@ def _read_records(files: list[str], shard: InputShard, shuffle_seed: int | None,
         file_ds = file_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
     if repeat:
         file_ds = file_ds.repeat()
-    records = file_ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(len(files), 8)),
-                                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    read_file = tf.data.TFRecordDataset
     if shard.num_workers > 1 and not by_file:
-        records = records.shard(shard.num_workers, shard.worker_index)
-        how = f"by record ({len(files)} files < {shard.num_workers} workers: each reads all, keeps 1/{shard.num_workers})"
+        # Within each file, so the records a worker keeps do not depend on the interleave's order
+        # (sharding the interleaved stream, which is not deterministic, let workers overlap).
+        read_file = lambda path: tf.data.TFRecordDataset(path).shard(shard.num_workers, shard.worker_index)  # noqa: E731
+        how = (f"by record ({len(files)} files do not divide among {shard.num_workers} workers: each reads every "
+               f"file and keeps 1/{shard.num_workers} of its records)")
+    records = file_ds.interleave(read_file, cycle_length=max(1, min(len(files), 8)),
+                                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return records, how
 
 
@@ -145,6 +152,9 @@ def make_train_dataset(meta: metadata.DatasetMetadata, data_dir: str, batch_size
         logging.info("--cache holds ~%.1f GB of decoded %s examples in memory",
                      per_example * count_examples(meta, split) / shard.num_workers / 1e9, meta.form)
         records, how = _read_records(files, shard, shuffle_seed=None, repeat=False, deterministic=False)
+        # The cache replays one order, so a small buffer would only shuffle locally; the examples are
+        # in memory anyway, so shuffle all of them each pass (the buffer holds references, not copies).
+        shuffle_buffer = max(shuffle_buffer, count_examples(meta, split) // shard.num_workers + 1)
         ds = (records_to_batches(records, meta, input_size, batch_size, False, deterministic=False)
               .unbatch().cache()
               .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()

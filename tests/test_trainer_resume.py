@@ -8,6 +8,7 @@ import time
 
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from tests import trainer_fixtures as fx
 from trainer import callbacks, config as config_lib, train
@@ -49,7 +50,8 @@ def test_kill_9_during_epoch_2_then_rerun_resumes_and_finishes(tmp_path, pixels_
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming the interrupted run" in second.stderr
+    # a new stream and new augmentation draws, not epoch 1's again
+    assert "holds 1 epoch(s): resuming the interrupted run, input and augmentation seeded with 43" in second.stderr
     assert "Epoch 1/4" not in second.stdout and "Epoch 2/4" in second.stdout, second.stdout[-2000:]
     entries = callbacks.read_epoch_log(job)
     assert [e["epoch"] for e in entries] == [0, 1, 2, 3]
@@ -80,6 +82,40 @@ def test_early_stopping_and_best_checkpoint_remember_the_epochs_before_a_restart
     stopper.on_train_begin()
     assert (stopper.best, stopper.best_epoch, stopper.wait) == (0.8, 1, 1)
     assert callbacks.best_so_far(previous) == 0.8  # ModelCheckpoint's threshold: a worse epoch cannot overwrite
+
+
+def test_a_re_run_epoch_is_not_counted_twice_by_early_stopping_or_the_best_checkpoint(tmp_path):
+    """A crash after epoch 1's log line but before its backup: the backup holds 1 epoch, so epoch 1
+    runs again; its old line must not seed the callbacks (wait would start at 1, not 0)."""
+    lines = [{"epoch": 0, "pid": 1, "val_accuracy": 0.90}, {"epoch": 1, "pid": 1, "val_accuracy": 0.95}]
+    (tmp_path / callbacks.EPOCH_LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stopper, checkpoint = None, None
+    for cb in callbacks.make_callbacks(str(tmp_path), patience=2, is_chief=False, restored_epochs=1):
+        if isinstance(cb, callbacks.ResumableEarlyStopping):
+            stopper = cb
+        elif isinstance(cb, tf_keras.callbacks.ModelCheckpoint):
+            checkpoint = cb
+    stopper.on_train_begin()
+    assert (stopper.best, stopper.best_epoch, stopper.wait) == (0.90, 0, 0)
+    assert checkpoint.best == 0.90  # the threshold a re-run epoch 1 must beat
+
+
+def test_restored_epochs_reads_what_backup_and_restore_saved(tmp_path):
+    """The real callback's checkpoint: stopped at the start of epoch 3, it holds 2 epochs."""
+    import numpy as np
+
+    class StopAtEpoch3(tf_keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+    model.compile("sgd", "mse")
+    assert train.restored_epochs(str(tmp_path)) == 0
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(np.zeros((8, 3)), np.zeros((8, 2)), epochs=4, verbose=0,
+                  callbacks=[tf_keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), StopAtEpoch3()])
+    assert train.restored_epochs(str(tmp_path)) == 2
 
 
 def test_flags_accept_hyphenated_job_dir_and_true_false_values(tmp_path):

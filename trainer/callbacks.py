@@ -91,16 +91,20 @@ def best_so_far(previous: list[dict]) -> float | None:
     return max(values) if values else None
 
 
-def make_callbacks(job_dir: str, patience: int, is_chief: bool, resuming: bool) -> list[keras.callbacks.Callback]:
+def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs: int) -> list[keras.callbacks.Callback]:
     """Backup (resume after a crash), best checkpoint, early stopping, TensorBoard, epoch log.
+
+    `restored_epochs`: how many epochs the backup holds (0 for a new run); early stopping and the
+    best checkpoint are seeded with those epochs' log lines only.
 
     Under multi-worker, Keras's own callbacks write the non-chief workers' copies to temporary
     folders that it deletes; our epoch log is written by the chief only, and every worker seeds
     its early stopping from it, so that all of them stop after the same epoch.
     """
-    previous = read_epoch_log(job_dir) if resuming else []
     # Order matters after a crash: the epoch log is written before the backup, so a crash between
-    # the two re-runs that epoch (read_epoch_log keeps its last entry) instead of losing its line.
+    # the two re-runs that epoch (read_epoch_log keeps its last entry) instead of losing its line;
+    # its old line is not replayed, or early stopping would count that epoch twice.
+    previous = [e for e in read_epoch_log(job_dir) if e["epoch"] < restored_epochs]
     return [
         keras.callbacks.ModelCheckpoint(os.path.join(job_dir, BEST_WEIGHTS), monitor=MONITOR, mode="max",
                                         save_best_only=True, save_weights_only=True,

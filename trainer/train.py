@@ -54,6 +54,23 @@ def _backup_exists(job_dir: str) -> bool:
     return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief")) is not None
 
 
+def restored_epochs(job_dir: str) -> int:
+    """The epoch BackupAndRestore will resume at: how many epochs its checkpoint holds (0 without one).
+    It saves tf_keras's `ckpt_saved_epoch` (0-based, the last finished) and `ckpt_saved_batch` (-1
+    at an epoch's end; a batch number when it saved mid-epoch, which resumes inside that epoch)."""
+    path = tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief"))
+    if path is None:
+        return 0
+    reader = tf.train.load_checkpoint(path)
+    epoch_key, batch_key = "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE", "ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"
+    if not (reader.has_tensor(epoch_key) and reader.has_tensor(batch_key)):
+        return 0
+    epoch, batch = int(reader.get_tensor(epoch_key)), int(reader.get_tensor(batch_key))
+    if epoch < 0:
+        return 0
+    return epoch + 1 if batch < 0 else epoch
+
+
 def _refuse_other_flags(config: config_lib.TrainConfig, what: str) -> None:
     """ValueError naming each flag that differs from the run already in job_dir (its config.json)."""
     path = os.path.join(config.job_dir, CONFIG_FILE)
@@ -150,19 +167,25 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
                  placement.shard.num_workers)
     logging.info("resolved: %s", json.dumps(resolved))
     _prepare_job_dir(config, resolved, resuming, placement.is_chief)
+    done_epochs = restored_epochs(config.job_dir) if resuming else 0
+    # A restarted run's input stream and augmentation draws start again from their seeds; with the
+    # same seeds its epochs would replay the first epochs' batches and crops. Offset by the epochs
+    # the backup holds (the same on every worker), so a resumed run goes on to new draws.
+    seed = (config.seed + done_epochs) % 2**32
     if resuming:
-        logging.info("%s/backup exists: resuming the interrupted run", config.job_dir)
+        logging.info("%s/backup holds %d epoch(s): resuming the interrupted run, input and augmentation "
+                     "seeded with %d", config.job_dir, done_epochs, seed)
 
     train_ds = ingest.make_train_dataset(meta, config.data, config.batch_size, input_size=spec.input_size,
-                                         seed=config.seed, cache=config.cache, drop_remainder=on_tpu,
+                                         seed=seed, cache=config.cache, drop_remainder=on_tpu,
                                          shard=placement.shard)
     valid_ds = ingest.make_eval_dataset(meta, config.data, "valid", config.batch_size, input_size=spec.input_size,
                                         drop_remainder=on_tpu, shard=placement.shard)
-    keras.utils.set_random_seed(config.seed)  # initialisation and augmentation draws
+    keras.utils.set_random_seed(seed)  # initialisation (restored over when resuming) and augmentation draws
     with placement.strategy.scope():
         model = models.build_model(spec)
         models.compile_model(model, config.lrate, TPU_STEPS_PER_EXECUTION if on_tpu else 1)
-    cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, resuming)
+    cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, done_epochs)
     start = time.time()
     _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta)
     logging.info("training took %.1f s", time.time() - start)

@@ -174,3 +174,24 @@ def test_corrupted_shard_fails_training_with_the_file_name(tmp_path, pixels_dir)
     with pytest.raises(metadata.DatasetError, match=r"corrupt shard\(s\): .*train-00000-of-00002.tfrecord"):
         train.train_and_export(config)
     assert not os.path.exists(tmp_path / "run" / "export")
+
+
+def test_a_corrupt_test_shard_is_named_after_training_and_the_rerun_does_not_train_again(tmp_path, pixels_dir):
+    out = tmp_path / "bad_test"
+    shutil.copytree(pixels_dir, out)
+    shard = out / "test-00000-of-00001.tfrecord"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF  # same size: the sidecar's size check passes, reading fails
+    shard.write_bytes(bytes(data))
+    job = tmp_path / "run"
+    config = config_lib.parse_config(fx.trainer_argv(str(out), str(job), num_epochs=2))
+    with pytest.raises(metadata.DatasetError, match=r"corrupt shard\(s\): .*test-00000-of-00001.tfrecord.*rerun to evaluate"):
+        train.train_and_export(config)
+    log = (job / "epochs.jsonl").read_text()
+    assert len(log.splitlines()) == 2 and (job / train.TRAINED_FILE).exists()
+    shard.write_bytes(good)  # the data repaired: the rerun measures and exports the trained weights
+    metrics = train.train_and_export(config)
+    assert (job / "epochs.jsonl").read_text() == log, "the rerun trained again"
+    assert metrics["epochs_run"] == 2 and "test_accuracy" in metrics
+    assert (job / train.EXPORT_DIR / "saved_model.pb").exists()

@@ -1,11 +1,13 @@
 """`python -m trainer.train --data DIR --job_dir RUN`: train, keep the best weights, export, report.
 
-The run folder holds everything, so rerunning the same command resumes a crashed run (and
-returns the metrics of a finished one):
+The run folder holds everything, so rerunning the same command resumes a crashed run, goes
+straight to evaluation and export when only those failed, and returns the metrics of a finished
+one (other flags are refused in each case):
   config.json        the flags and what was derived from them and the data
   epochs.jsonl       one line per finished epoch (survives restarts); history.json at the end
   checkpoints/       the best weights by val_accuracy       backup/   BackupAndRestore's state
   logs/              TensorBoard                           training_curves.png
+  trained.json       training finished (evaluation and export may not have)
   metrics.json       validation and test accuracy of the exported weights
   export/            the SavedModel (see trainer.export)
 """
@@ -26,6 +28,7 @@ from trainer import (callbacks, config as config_lib, export, hypertune_report, 
                      strategy as strategy_lib)
 
 METRICS_FILE = "metrics.json"
+TRAINED_FILE = "trained.json"  # written when fit returns: a rerun goes straight to evaluation and export
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CURVES_FILE = "training_curves.png"
@@ -124,7 +127,14 @@ def evaluate_best(spec: models.ModelSpec, meta: metadata.DatasetMetadata, config
     for split, prefix in (("valid", "val_"), ("test", "test_")):
         if ingest.count_examples(meta, split):
             ds = ingest.make_eval_dataset(meta, config.data, split, config.batch_size, input_size=input_size)
-            loss, accuracy = model.evaluate(ds, verbose=0)
+            try:
+                loss, accuracy = model.evaluate(ds, verbose=0)
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+                bad = ingest.find_corrupt_shards(meta, config.data, (split,))
+                if bad:
+                    raise metadata.DatasetError("corrupt shard(s): " + "; ".join(bad) + f"; the training is kept in "
+                                                f"{config.job_dir}: rerun to evaluate and export") from e
+                raise
             metrics[prefix + "loss"], metrics[prefix + "accuracy"] = float(loss), float(accuracy)
             metrics[prefix + "examples"] = ingest.count_examples(meta, split)
     return model, metrics
@@ -166,6 +176,14 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
                  placement.name, config.batch_size, placement.num_replicas, resolved["per_replica_batch_size"],
                  placement.shard.num_workers)
     logging.info("resolved: %s", json.dumps(resolved))
+    trained_path = os.path.join(config.job_dir, TRAINED_FILE)
+    if tf.io.gfile.exists(trained_path):
+        # Training finished but evaluation or export failed (a corrupt test shard, a hub module that
+        # did not load): BackupAndRestore has deleted its backup, so without this the rerun would
+        # train again from scratch.
+        _refuse_other_flags(config, "a trained run")
+        logging.info("%s was trained (%s); evaluating and exporting its best weights", config.job_dir, TRAINED_FILE)
+        return _evaluate_and_export(config, meta, spec, resolved) if placement.is_chief else {}
     _prepare_job_dir(config, resolved, resuming, placement.is_chief)
     done_epochs = restored_epochs(config.job_dir) if resuming else 0
     # A restarted run's input stream and augmentation draws start again from their seeds; with the
@@ -191,7 +209,16 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     logging.info("training took %.1f s", time.time() - start)
     if not placement.is_chief:
         return {}
+    with tf.io.gfile.GFile(trained_path, "w") as f:
+        f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+    return _evaluate_and_export(config, meta, spec, resolved)
 
+
+def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetMetadata, spec: models.ModelSpec,
+                         resolved: dict) -> dict:
+    """After training (chief only): measure the best weights, write history, curves and the export,
+    then metrics.json, whose presence with the export marks the run finished."""
+    metrics_path = os.path.join(config.job_dir, METRICS_FILE)
     entries = callbacks.read_epoch_log(config.job_dir)
     history = callbacks.history_from_log(entries)
     best = max(entries, key=lambda e: e.get(callbacks.MONITOR, float("-inf")))

@@ -65,6 +65,8 @@ class DatasetMetadata:
 
 
 def metadata_from_dict(body: Mapping[str, Any], source: str = layout.METADATA_FILE) -> DatasetMetadata:
+    if not isinstance(body, Mapping):
+        raise DatasetError(f"{source}: the sidecar must be a JSON object, got {type(body).__name__}")
     version = body.get("schema_version")
     if version != schema.SCHEMA_VERSION:
         raise DatasetError(f"{source}: schema_version {version!r} is not the version this code reads "
@@ -75,12 +77,17 @@ def metadata_from_dict(body: Mapping[str, Any], source: str = layout.METADATA_FI
             raise DatasetError(f"{source}: unknown form {form!r}; known: {schema.FORMS}")
         splits = {name: SplitInfo(int(s["num_examples"]), tuple(ShardInfo(**x) for x in s["shards"]))
                   for name, s in body["splits"].items()}
+        for name, split in splits.items():
+            in_shards = sum(int(x.num_examples) for x in split.shards)
+            if in_shards != split.num_examples:  # steps per epoch come from the split's count
+                raise DatasetError(f"{source}: split {name!r} records {split.num_examples} examples but its shards "
+                                   f"{in_shards}; the sidecar was edited or is from a failed ETL run")
         known = {"schema_version", "form", "class_names", "features", "preprocessing", "splits"}
         return DatasetMetadata(
             schema_version=version, form=form, class_names=tuple(body["class_names"]),
             features=schema.features_from_json(body["features"]), preprocessing=body["preprocessing"],
             splits=splits, extra={k: v for k, v in body.items() if k not in known})
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{source}: malformed sidecar, {type(e).__name__}: {e}") from e
 
 

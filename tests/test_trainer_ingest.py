@@ -195,3 +195,24 @@ def test_a_corrupt_test_shard_is_named_after_training_and_the_rerun_does_not_tra
     assert (job / "epochs.jsonl").read_text() == log, "the rerun trained again"
     assert metrics["epochs_run"] == 2 and "test_accuracy" in metrics
     assert (job / train.EXPORT_DIR / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda body: [], "the sidecar must be a JSON object, got list"),
+    (lambda body: body["splits"]["train"].update(num_examples="many") or body, "malformed sidecar, ValueError"),
+    (lambda body: body["splits"]["train"].update(num_examples=body["splits"]["train"]["num_examples"] + 5) or body,
+     r"split 'train' records \d+ examples but its shards \d+"),
+])
+def test_a_malformed_sidecar_is_named_with_what_is_wrong(tmp_path, pixels_dir, edit, message):
+    out = tmp_path / "edited"
+    shutil.copytree(pixels_dir, out)
+    body = edit(json.loads((out / "metadata.json").read_text()))
+    (out / "metadata.json").write_text(json.dumps(body))
+    with pytest.raises(metadata.DatasetError, match=f"{out / 'metadata.json'}: {message}"):
+        ingest.load_dataset_metadata(str(out))
+
+
+def test_a_job_dir_that_is_a_file_is_a_one_line_error(tmp_path, pixels_dir, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    assert train.main(fx.trainer_argv(pixels_dir, str(tmp_path / "run"))) == 1
+    assert f"--job_dir {tmp_path / 'run'} is a file" in capsys.readouterr().err

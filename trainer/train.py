@@ -146,6 +146,8 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     On a non-chief worker it trains and returns {} (the chief measures, writes and exports).
     """
     placement = strategy_lib.get_strategy(config.strategy)  # first: multi-worker must start before other TF work
+    if tf.io.gfile.exists(config.job_dir) and not tf.io.gfile.isdir(config.job_dir):
+        raise ValueError(f"--job_dir {config.job_dir} is a file; give a folder (it is created if missing)")
     metrics_path = os.path.join(config.job_dir, METRICS_FILE)
     if tf.io.gfile.exists(metrics_path) and tf.io.gfile.exists(os.path.join(config.job_dir, EXPORT_DIR, "saved_model.pb")):
         # Every worker sees this, so none of them starts training alone (it would wait for the others).

@@ -75,8 +75,24 @@ def write_space(path: Path, body: str) -> str:
 
 
 def tune_argv(job_dir: Path, space: str, module: str, *extra: str) -> list[str]:
-    return ["--data", "unused-by-fake", "--job_dir", str(job_dir), "--search_space", space,
+    """The fake trainer reads no data, but the tuner checks that --data holds a sidecar."""
+    data = job_dir.parent / "data"
+    if not (data / "metadata.json").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "metadata.json").write_text(SIDECAR)
+    return ["--data", str(data), "--job_dir", str(job_dir), "--search_space", space,
             "--trainer_module", module, "--poll_seconds", "0.02", *extra]
+
+
+def _sidecar() -> str:
+    from shared import metadata, schema
+
+    features = schema.record_features("pixels", image_size=32)
+    return metadata.DatasetMetadata(schema_version=schema.SCHEMA_VERSION, form="pixels", class_names=("a", "b"),
+                                    features=features, preprocessing={}, splits={}).to_json()
+
+
+SIDECAR = _sidecar()
 
 
 def load_study(job_dir: Path) -> optuna.Study:
@@ -178,6 +194,22 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, fake_train
     assert states == {16: TrialState.COMPLETE, 32: TrialState.FAIL, 64: TrialState.COMPLETE}
     assert "told to fail" in (job / "trials").joinpath(
         next(str(t.number) for t in load_study(job).get_trials() if t.state == TrialState.FAIL), "train.log").read_text()
+
+
+def test_data_without_a_sidecar_fails_before_any_trial(tmp_path, fake_trainer):
+    space = write_space(tmp_path / "s.yaml", THREE_BATCH_SIZES)
+    argv = tune_argv(tmp_path / "j", space, fake_trainer)
+    argv[argv.index("--data") + 1] = str(tmp_path / "no_such_data")
+    with pytest.raises(tune.TuneError, match=r"--data: .*no_such_data/metadata.json does not exist"):
+        tune.run(argv)
+    assert not (tmp_path / "j").exists()
+
+
+def test_a_study_whose_every_trial_failed_is_an_error(tmp_path, fake_trainer, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_BATCH", "32")
+    space = write_space(tmp_path / "s.yaml", "algorithm: grid\nparameters:\n  batch_size: {type: discrete, values: [32]}\n")
+    with pytest.raises(tune.TuneError, match=r"none of the 1 trials completed: see .*/trials/<n>/train.log"):
+        tune.run(tune_argv(tmp_path / "all_fail", space, fake_trainer, "--num_epochs", "1"))
 
 
 def test_flags_the_trainer_rejects_fail_before_any_trial(tmp_path, fake_trainer):

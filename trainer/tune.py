@@ -294,6 +294,11 @@ def run(argv: Sequence[str] | None = None) -> optuna.Study:
         parse_config([f"--data={ns.data}", f"--job_dir={ns.job_dir}", *fixed_flags])
     except SystemExit:
         raise TuneError(f"the trainer rejects the fixed flags {fixed_flags} (see above)") from None
+    from shared import metadata
+    try:  # once here, rather than once per trial in every trainer's log
+        metadata.read_metadata(ns.data)
+    except metadata.DatasetError as e:
+        raise TuneError(f"--data: {e}") from None
 
     job_dir = Path(ns.job_dir)
     study = open_study(job_dir, space, fixed_flags, ns.data, ns.sampler_seed, parallel)
@@ -332,6 +337,8 @@ def run(argv: Sequence[str] | None = None) -> optuna.Study:
     tune_results.write_results(study, space, job_dir, runner.key)
     if runner.stop.is_set():
         raise TuneInterrupted(f"interrupted; rerun the same command to resume the study in {job_dir}")
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise TuneError(f"none of the {len(study.trials)} trials completed: see {job_dir}/trials/<n>/{TRAINER_LOG}")
     return study
 
 

@@ -26,6 +26,12 @@ WORKER_MACHINE ?=
 
 # Training on the ETL output. The sample's digits are 8x8 strokes: no flips or crops.
 DATA ?= $(OUTPUT)
+# The ETL runs first only for the default DATA: a DATA given (and mistyped) is the trainer's
+# error to name, not a reason to rebuild data/out/$(FORM).
+AUTO_ETL = $(if $(filter file,$(origin DATA)),test -f $(DATA)/metadata.json || $(MAKE) etl,)
+# The model's input size for the jpeg form (pixels and embeddings take theirs from the sidecar):
+# the ETL's IMAGE_SIZE, except that MobileNet wants the 224 px its module was trained at.
+TRAIN_IMAGE_SIZE ?= $(if $(filter mobilenet,$(MODEL)),224,$(IMAGE_SIZE))
 JOB_DIR ?= runs/$(FORM)
 STRATEGY ?= auto
 MODEL ?= dnn
@@ -43,7 +49,7 @@ TRIALS ?= 8
 PARALLEL ?= 2
 SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
-TUNE_FLAGS ?= --num_epochs 5 --image_size $(IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
+TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
 
 .PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve clean
 
@@ -52,9 +58,9 @@ help:
 	@echo "make test        - install, run the tests"
 	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE= ETL_FLAGS=]"
 	@echo "make etl RUNNER=DataflowRunner PROJECT= REGION= BUCKET= INPUT=gs://... OUTPUT=gs://... [JOB_NAME= MAX_WORKERS= WORKER_MACHINE=]"
-	@echo "make train [STRATEGY=auto|one_device|mirrored|multi_worker|tpu MODEL=linear|dnn|mobilenet DATA= JOB_DIR= EPOCHS= TRAIN_FLAGS=]"
+	@echo "make train [STRATEGY=auto|one_device|mirrored|multi_worker|tpu MODEL=linear|dnn|mobilenet DATA= JOB_DIR= EPOCHS= TRAIN_IMAGE_SIZE= TRAIN_FLAGS=]"
 	@echo "make serve       - serve the last 'make train' export on 127.0.0.1:8501 (TF Serving's REST API)"
-	@echo "make tune [TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
+	@echo "make tune [DATA= TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
 	@echo "make bench-etl | bench-ingest | bench-serve - throughput against this machine's limits"
 
 install: $(STAMP)
@@ -83,9 +89,9 @@ etl: $(STAMP) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 	    "$$@" --overwrite $(ETL_FLAGS)
 
 train: $(STAMP)
-	test -f $(DATA)/metadata.json || $(MAKE) etl
+	$(AUTO_ETL)
 	$(PY) -m trainer.train --data $(DATA) --job_dir $(JOB_DIR) --strategy $(STRATEGY) --model $(MODEL) \
-	    --num_epochs $(EPOCHS) --image_size $(IMAGE_SIZE) $(TRAIN_FLAGS)
+	    --num_epochs $(EPOCHS) --image_size $(TRAIN_IMAGE_SIZE) $(TRAIN_FLAGS)
 	mkdir -p $(dir $(LAST_TRAIN)) && echo '$(JOB_DIR)' > $(LAST_TRAIN)
 
 serve: $(STAMP)
@@ -93,8 +99,8 @@ serve: $(STAMP)
 	$(PY) -m trainer.serve --model $(EXPORT) $(SERVE_FLAGS)
 
 tune: $(STAMP)
-	test -f $(OUTPUT)/metadata.json || $(MAKE) etl
-	$(PY) -m trainer.tune --data $(OUTPUT) --job_dir $(TUNE_DIR) $(if $(SEARCH_SPACE),--search_space $(SEARCH_SPACE),) \
+	$(AUTO_ETL)
+	$(PY) -m trainer.tune --data $(DATA) --job_dir $(TUNE_DIR) $(if $(SEARCH_SPACE),--search_space $(SEARCH_SPACE),) \
 	    --max_trials $(TRIALS) --parallel_trials $(PARALLEL) $(TUNE_FLAGS)
 
 # The main job end to end on the sample: ETL (pixels, 32 px) -> train -> export -> predict.

@@ -30,3 +30,16 @@ def test_a_given_job_dir_or_export_wins_and_without_a_record_serve_falls_back_to
     assert "--model runs/other/export" in dry_run("serve", "JOB_DIR=runs/other", f"LAST_TRAIN={last}")
     assert "--model elsewhere/export" in dry_run("serve", "EXPORT=elsewhere/export", f"LAST_TRAIN={last}")
     assert "--model runs/pixels/export" in dry_run("serve", f"LAST_TRAIN={tmp_path / 'missing'}")
+
+
+def test_a_given_data_folder_is_used_as_is_and_only_the_default_one_is_built_first():
+    assert "test -f data/out/pixels/metadata.json || make" in dry_run("train").replace("$(MAKE)", "make")
+    for target in ("train", "tune"):
+        given = dry_run(target, "DATA=/typo/out")
+        assert "--data /typo/out" in given and "test -f" not in given, given
+
+
+def test_mobilenet_on_the_jpeg_form_trains_at_224_px_unless_told_otherwise():
+    assert "--image_size 224" in dry_run("train", "FORM=jpeg", "MODEL=mobilenet")
+    assert "--image_size 32" in dry_run("train", "FORM=jpeg", "MODEL=dnn")
+    assert "--image_size 160" in dry_run("train", "FORM=jpeg", "MODEL=mobilenet", "TRAIN_IMAGE_SIZE=160")

@@ -144,7 +144,7 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
     # The DirectRunner of Beam 2.7x first tries to download its Prism runner (no network here),
     # then falls back to the FnApiRunner; go there directly (it honours --direct_num_workers).
     local_runner = FnApiRunner() if runner in ("DirectRunner", "SwitchingDirectRunner") else None
-    temp_dir = publish.prepare_output(config.output, config.overwrite)
+    temp_dir, replaced = publish.prepare_output(config.output, config.overwrite)
     try:
         rows_csv = None
         if inputs.is_folder_input(config.input):
@@ -159,12 +159,13 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
         try:
             rejected = publish.check_accounting(staged, config.max_reject_fraction, config.input)
         except publish.TooManyRejectsError:
-            publish.write_rejects(config.output, staged["rejects"])  # so the user can see why
+            if not replaced:  # so the user can see why; a previous dataset's own rejects.jsonl stays
+                publish.write_rejects(config.output, staged["rejects"])
             raise
         names = class_names or staged["class_names"] or []
         meta = make_metadata(config, features, module, names, staged, rejected, argv, runner)
         publish.publish(config.output, temp_dir, [s["file"] for s in staged["shards"]], meta.to_json(),
-                        staged["rejects"])
+                        staged["rejects"], replaced)
     except BaseException:
         publish.discard(temp_dir)
         raise

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import uuid
+from typing import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -54,14 +55,21 @@ def _is_ours(name: str) -> bool:
             or layout.parse_shard_file_name(name) is not None)
 
 
-def prepare_output(output: str, overwrite: bool) -> str:
-    """Checks the output folder and returns a fresh staging folder inside it.
+def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
+    """Checks the output folder; returns a fresh staging folder inside it and the entries of a
+    previous ETL output that `publish` replaces.
 
     Left-overs of killed runs (`.incomplete-*`) and a failed run's lone `rejects.jsonl` are
-    removed. Anything else needs --overwrite, which removes only files the ETL writes: a
-    folder holding other files is refused even then, so a wrong --output deletes nothing.
+    removed. Anything else needs --overwrite, which replaces only files the ETL writes: a
+    folder holding other files is refused even then, so a wrong --output deletes nothing. The
+    previous output stays complete until the new one is ready to publish: a run that fails
+    (a mistyped --input, too many rejects) leaves it as it was.
     """
+    if output.rstrip("/") == "":
+        raise OutputNotEmptyError(f"--output {output!r} is the file system's root; give a folder for the dataset")
     output = output.rstrip("/")
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise OutputNotEmptyError(f"--output {output} is a file; give a folder (it is created if missing)")
     entries = _list_entries(output)
     leftovers = [e for e in entries if e.startswith(TEMP_PREFIX)]
     if entries == [layout.REJECTS_FILE] or (set(entries) - set(leftovers)) == {layout.REJECTS_FILE}:
@@ -80,13 +88,9 @@ def prepare_output(output: str, overwrite: bool) -> str:
             raise OutputNotEmptyError(
                 f"--output {output} holds files the ETL did not write ({foreign[:5]}); --overwrite only "
                 "replaces ETL outputs, so remove them or choose another folder")
-        # The sidecar goes first: from here on no reader takes the folder for a complete dataset.
-        if layout.METADATA_FILE in rest:
-            _delete([layout.join(output, layout.METADATA_FILE)])
-        _delete([layout.join(output, e) for e in rest if e != layout.METADATA_FILE])
     temp_dir = layout.join(output, TEMP_PREFIX + uuid.uuid4().hex[:12])
     FileSystems.mkdirs(temp_dir)
-    return temp_dir
+    return temp_dir, rest
 
 
 def _read_lines(pattern: str) -> list[str]:
@@ -138,8 +142,14 @@ def write_rejects(output: str, rejects: list[dict]) -> None:
     write_text(layout.join(output, layout.REJECTS_FILE), "".join(line + "\n" for line in lines))
 
 
-def publish(output: str, temp_dir: str, shard_names: list[str], metadata_json: str, rejects: list[dict]) -> None:
-    """Moves the staged shards into place, then writes rejects.jsonl, then metadata.json, then cleans up."""
+def publish(output: str, temp_dir: str, shard_names: list[str], metadata_json: str, rejects: list[dict],
+            replaced: Sequence[str] = ()) -> None:
+    """Removes the previous output's `replaced` entries (its sidecar first, so that no reader takes
+    the folder for a complete dataset from then on), moves the staged shards into place, then
+    writes rejects.jsonl, then metadata.json, then cleans up."""
+    if layout.METADATA_FILE in replaced:
+        _delete([layout.join(output, layout.METADATA_FILE)])
+    _delete([layout.join(output, e) for e in replaced if e != layout.METADATA_FILE])
     staged = layout.join(temp_dir, "shards")
     if shard_names:
         FileSystems.rename([layout.join(staged, n) for n in shard_names], [layout.join(output, n) for n in shard_names])

@@ -176,6 +176,37 @@ def test_output_must_be_empty_unless_overwrite(tmp_path, class_folder_dataset):
     assert (out / "notes.txt").read_text() == "mine" and (out / layout.METADATA_FILE).exists()
 
 
+def test_a_failed_overwrite_leaves_the_previous_dataset_whole(tmp_path, class_folder_dataset):
+    """--overwrite replaces the old output only when the new one is ready: a mistyped --input or a
+    run with too many rejects must not cost the dataset that was there (`make etl` always passes it)."""
+    out = tmp_path / "out"
+    run_etl(class_folder_dataset, out, "--form", "jpeg")
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    with pytest.raises(Exception, match="typo.csv"):
+        run_etl(str(tmp_path / "typo.csv"), out, "--form", "jpeg", "--overwrite")
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    junk = tmp_path / "junk"
+    image_factory.write_csv(str(tmp_path / "junk.csv"), [(str(junk / f"{i}.jpg"), "a") for i in range(5)])
+    with pytest.raises(publish.TooManyRejectsError):
+        run_etl(str(tmp_path / "junk.csv"), out, "--form", "jpeg", "--overwrite")
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert metadata.read_metadata(str(out)).form == "jpeg"
+
+
+def test_an_output_that_is_the_root_or_a_file_is_refused(tmp_path, class_folder_dataset):
+    # prepare_output alone, not a run: a regression must not write a dataset into / (an unset $OUT/)
+    try:
+        staging, _ = publish.prepare_output("/", overwrite=False)
+    except publish.OutputNotEmptyError as e:
+        assert "the file system's root" in str(e)
+    else:
+        publish.discard(staging)
+        pytest.fail(f"--output / was accepted (staging {staging})")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(publish.OutputNotEmptyError, match="is a file"):
+        run_etl(class_folder_dataset, tmp_path / "file", "--form", "jpeg")
+
+
 def test_split_hash_follows_the_weights():
     uris = [f"gs://bucket/images/{i:06d}.jpg" for i in range(20_000)]
     counts = {s: 0 for s in layout.SPLITS}

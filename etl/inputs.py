@@ -9,6 +9,7 @@ import io
 import os
 import posixpath
 import typing
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -125,21 +126,38 @@ def list_class_folders(root: str) -> list[Row]:
     return rows
 
 
-def keep_first_of_duplicates(item):
-    """(uri, rows) -> the first row by input line; the others are rejected as duplicates."""
+def keep_one_of_duplicates(item, known_labels: frozenset[str] | None = None):
+    """(uri, rows) -> one row for the uri, the others rejected.
+
+    Rows whose label the labels file has win over rows whose label it lacks (those would be
+    rejected anyway, and must not cost the valid one). Among the rest, one label: one row is
+    kept (the same one on any runner: the smallest line text, since Beam keeps no line numbers)
+    and the others are `duplicate`; two or more labels: every row is `conflicting_labels`, since
+    nothing says which is right."""
     uri, rows = item
-    rows = sorted(rows, key=lambda r: r.source)
-    yield rows[0]
-    for extra in rows[1:]:
-        yield beam.pvalue.TaggedOutput("rejects", make_reject(
-            extra.uri, extra.label, "duplicate",
-            f"the same uri is already an input with label {rows[0].label!r}", extra.source))
+    rows = sorted(rows, key=lambda r: (r.source, r.label))
+    candidates = [r for r in rows if known_labels is None or r.label in known_labels] or rows
+    labels = sorted({r.label for r in candidates})
+    if len(labels) > 1:
+        for row in rows:
+            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+                row.uri, row.label, "conflicting_labels",
+                f"the same uri has labels {labels} in {len(rows)} rows; an image with two labels is left out",
+                row.source))
+        return
+    kept = candidates[0]
+    yield kept
+    for extra in rows:
+        if extra is not kept:
+            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+                extra.uri, extra.label, "duplicate",
+                f"the same uri is already an input with label {kept.label!r}", extra.source))
 
 
 @beam.ptransform_fn
-def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None):
+def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class_names: Sequence[str] | None = None):
     """PBegin -> {'rows': Row, 'rejects': dict, 'num_rows': int}. `rows_csv` (a CSV the driver wrote for a folder
-    input) is read instead of `input_path` when given."""
+    input) is read instead of `input_path` when given; `class_names` (the labels file) settles duplicates."""
     csv_path = rows_csv or input_path
     header = detect_header(csv_path)
     csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
@@ -149,7 +167,9 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None):
     deduplicated = (parsed.rows
                     | "KeyByUri" >> beam.Map(lambda r: (r.uri, r))
                     | "GroupByUri" >> beam.GroupByKey()
-                    | "DropDuplicateUris" >> beam.FlatMap(keep_first_of_duplicates).with_outputs("rejects", main="rows"))
+                    | "DropDuplicateUris" >> beam.FlatMap(keep_one_of_duplicates,
+                                                          frozenset(class_names) if class_names else None)
+                    .with_outputs("rejects", main="rows"))
     rejects = (parsed.rejects, deduplicated.rejects) | "MergeRowRejects" >> beam.Flatten()
     num_rows = ((parsed.rows, parsed.rejects)
                 | "AllParsedRows" >> beam.Flatten()

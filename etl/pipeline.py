@@ -46,7 +46,7 @@ def _class_index(labels: list[str]) -> dict:
 def build_pipeline(p: beam.Pipeline, config: EtlConfig, temp_dir: str, features, module, class_names=None,
                    rows_csv: str | None = None) -> None:
     """Wires the pipeline. Every step writes into `temp_dir`; nothing touches the output folder."""
-    read = p | "ReadLabelledRows" >> inputs.ReadLabelledRows(config.input, rows_csv)
+    read = p | "ReadLabelledRows" >> inputs.ReadLabelledRows(config.input, rows_csv, class_names)
     rows = read["rows"]
     if class_names is not None:
         class_index = p | "ClassesFromLabelsFile" >> beam.Create([{n: i for i, n in enumerate(class_names)}])

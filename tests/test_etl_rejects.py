@@ -45,6 +45,8 @@ def test_each_bad_input_is_rejected_with_its_reason(tmp_path):
         (good[0][0], "zebra"),  # unknown label (the labels file fixes the classes) and a duplicate uri
         (str(bad_dir / "x.jpg"), "a", "extra"),  # malformed: three fields
         (good[1][0], "a"),  # duplicate
+        (good[2][0], "A"),  # an unknown label whose line sorts before the known one's: see below
+        (good[3][0], "b" if good[3][1] == "a" else "a"),  # two labels the labels file has: both out
     ]
     csv_path = image_factory.write_csv(str(tmp_path / "all.csv"), rows)
     labels = tmp_path / "dict.txt"
@@ -63,8 +65,13 @@ def test_each_bad_input_is_rejected_with_its_reason(tmp_path):
     assert by_uri["bomb.png"] == ["too_large"]
     assert by_uri["big.jpg"] == ["too_large"]
     assert any(r["reason"] == "malformed_row" and "extra" in r["source"] for r in rejects)
+    # The labels file's label wins over an unknown one (which sorts first, and used to be kept and
+    # then rejected, losing the image); one uri with two known labels is kept under neither.
     dup_reasons = sorted(reason for r in rejects if r["uri"] in (good[0][0], good[1][0]) for reason in [r["reason"]])
     assert dup_reasons == ["duplicate", "duplicate"], rejects
+    assert [(r["reason"], r["label"]) for r in rejects if r["uri"] == good[2][0]] == [("duplicate", "A")]
+    assert [r["reason"] for r in rejects if r["uri"] == good[3][0]] == ["conflicting_labels"] * 2
+    assert "labels ['a', 'b']" in next(r["detail"] for r in rejects if r["uri"] == good[3][0])
     for r in rejects:
         assert set(r) >= {"uri", "label", "reason", "detail"} and r["detail"]
     # Accounting: every input row is a record or a reject.

@@ -101,7 +101,9 @@ def encode_example(features: Sequence[Feature], values: Mapping[str, Any]) -> by
                 feature_map[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.tobytes()]))
         except (TypeError, ValueError) as e:
             raise SchemaError(f"feature {f.name!r} ({f.encoding}): {e}") from e
-    return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString()
+    # deterministic: a protobuf map's order is otherwise arbitrary, and the same input gave shards with
+    # other bytes (and sha256) on every run although their records were equal.
+    return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString(deterministic=True)
 
 
 def parse_batch(features: Sequence[Feature], serialized):

@@ -1,4 +1,6 @@
 """The record schema round-trips for every form, in Python and in-graph, and refuses bad values."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -74,3 +76,19 @@ def test_other_schema_version_is_refused():
             "preprocessing": {}, "splits": {}}
     with pytest.raises(metadata.DatasetError, match="schema_version"):
         metadata.metadata_from_dict(body, source="x/metadata.json")
+
+
+def test_the_same_record_has_the_same_bytes_in_every_process():
+    """Shard sha256s in the sidecar are only useful if equal inputs give equal bytes; a protobuf
+    map serialises in an order that differs between processes unless asked to be deterministic."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from shared import schema; f = schema.record_features('pixels', image_size=2); "
+            "print(hashlib.sha256(schema.encode_example(f, {'image': [0.5] * 12, 'label': 1, 'label_name': 'b', "
+            "'uri': 'x.jpg', 'example_id': 'e', 'height': 2, 'width': 2})).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed), "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+               for seed in range(3)}
+    assert len(digests) == 1, digests

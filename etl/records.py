@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from etl.inputs import Row, make_reject
 from shared import image_check, layout, schema
 from shared.image_check import ImageRejected
+from shared.image_check import decode_error_cause
 
 
 class Loaded(typing.NamedTuple):
@@ -113,6 +114,8 @@ class LoadImage(beam.DoFn):
                     return data
                 return image_check.to_rgb_image_bytes(data, "JPEG", self._jpeg_quality)
             return image_check.to_tf_decodable(data, header)  # as the server does before TF sees it
+        except ImageRejected:
+            raise  # it says what is wrong already
         except Exception as e:
             raise ImageRejected("corrupt", f"cannot convert {header.format} {header.mode} to RGB: "
                                            f"{type(e).__name__}: {e}") from None
@@ -160,8 +163,8 @@ class EncodeTensor(beam.DoFn):
             except Exception as e:
                 logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
                 yield beam.pvalue.TaggedOutput("rejects", make_reject(
-                    item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}",
-                    item.row.source))
+                    item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}: "
+                    f"{decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source))
                 continue
             values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
             yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))

@@ -148,12 +148,36 @@ def verify_decodes(data: bytes, header: ImageHeader) -> None:
                                        f"{type(e).__name__}: {e}") from None
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit or float greyscale image as 8-bit "L", scaled as TF's decoder scales a 16-bit PNG
+    (PIL's convert("RGB") clips instead: a mid-grey 16-bit image came out white, a float one black).
+    Other modes are returned as they are. Raises ImageRejected for values with no known range."""
+    import numpy as np
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if low < 0.0 or high > 1.0:
+            raise ImageRejected("corrupt", f"a floating-point image with values in [{low:g}, {high:g}]; only [0, 1] "
+                                           f"has a known meaning as pixels")
+        scaled = values * 255.0
+    elif image.mode.startswith("I;16") or (low >= 0 and high <= 65535):
+        scaled = values / 257.0  # 65535 -> 255, as TF and libpng reduce 16 bits to 8
+    else:
+        raise ImageRejected("corrupt", f"a 32-bit integer image with values in [{low:g}, {high:g}]; only 16-bit "
+                                       f"ranges have a known meaning as pixels")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> bytes:
     """Decodes any PIL-readable image (first frame) and re-encodes it as RGB `image_format` ('JPEG' or 'PNG')."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))
         image.seek(0)
+        image = _to_8_bit(image)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             # Flatten transparency onto white, as a viewer would show it, instead of onto black.
             rgba = image.convert("RGBA")
@@ -211,6 +235,19 @@ def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
         return data
     try:
         return to_rgb_image_bytes(data, "PNG")
+    except ImageRejected:
+        raise
     except Exception as e:
         raise ImageRejected("corrupt", f"cannot convert {header.format} {header.mode} to RGB: "
                                        f"{type(e).__name__}: {e}") from None
+
+
+def decode_error_cause(message: str) -> str:
+    """TF's error message for a failed decode -> its cause, e.g. "jpeg::Uncompress failed. Invalid JPEG
+    data or crop window.". Around the cause TF puts "Graph execution error:", "Detected at node ...",
+    the Python stack that built the graph (indented) or "<stack traces unavailable>" for a loaded
+    SavedModel, and node names (indented, "[[...]]"): the cause is the last line that is none of these."""
+    causes = [line for line in message.splitlines()
+              if line.strip() and not line[0].isspace()
+              and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>", "[["))]
+    return causes[-1].strip()[:200] if causes else "no cause given"

@@ -164,3 +164,15 @@ def test_a_killed_run_publishes_nothing_and_the_next_run_recovers(tmp_path):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert (out / layout.METADATA_FILE).exists()
     assert not any(n.startswith(publish.TEMP_PREFIX) for n in os.listdir(out))
+
+
+def test_a_conversion_failure_is_said_once():
+    from etl.records import LoadImage
+    from shared import image_check
+
+    gif = image_factory.encode(image_factory.make_image(0, 1, size=(60, 40)).convert("P"), "GIF")
+    truncated = gif[: len(gif) // 2]
+    load = LoadImage("pixels", (80, 10, 10), 40_000_000, 2**20, 95)
+    with pytest.raises(image_check.ImageRejected) as e:
+        load._canonical_bytes(truncated, image_check.read_header(truncated))
+    assert e.value.detail.count("cannot convert GIF") == 1, e.value.detail

@@ -213,3 +213,28 @@ def test_the_model_sees_a_transparent_png_on_white_as_the_jpeg_form_stores_it(mo
 def test_an_opaque_png_reaches_the_model_as_sent(mode):
     data = encode(photo(mode), "PNG")
     assert image_check.to_tf_decodable(data, image_check.read_header(data)) is data
+
+
+def grey_gradient(dtype) -> np.ndarray:
+    ramp = np.arange(48 * 64).reshape(48, 64) / (48 * 64 - 1)
+    return (ramp * 65535).astype(np.uint16) if dtype == np.uint16 else ramp.astype(np.float32)
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "TIFF"])
+def test_a_16_bit_image_is_scaled_not_clipped_and_every_form_sees_it_alike(image_format):
+    """PIL's convert("RGB") clips 16-bit values at 255: a mid-grey ramp came out white in the jpeg
+    form, while TF (pixels form, serving) scales the PNG to 8 bits."""
+    data = encode(Image.fromarray(grey_gradient(np.uint16)), image_format)
+    jpeg_form = np.asarray(Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))).astype(int)
+    seen_by_model = tf.io.decode_image(image_check.to_tf_decodable(data, image_check.read_header(data)),
+                                       channels=3).numpy().astype(int)
+    assert abs(jpeg_form.mean() / 255 - 0.5) < 0.01
+    assert np.abs(jpeg_form - seen_by_model).max() <= 1  # 65535/257 vs TF's 16-to-8 bits
+
+
+def test_a_float_image_in_0_1_is_scaled_and_other_ranges_are_refused():
+    data = encode(Image.fromarray(grey_gradient(np.float32), "F"), "TIFF")
+    assert abs(np.asarray(Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))).mean() / 255 - 0.5) < 0.01
+    data = encode(Image.fromarray(grey_gradient(np.float32) * 1000, "F"), "TIFF")
+    with pytest.raises(image_check.ImageRejected, match=r"values in \[0, 1000\]"):
+        image_check.to_rgb_image_bytes(data, "PNG")

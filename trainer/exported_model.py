@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared import image_check
+from shared.image_check import decode_error_cause
 
 SERVING_SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
@@ -101,17 +102,6 @@ class ExportedModel:
         # tolist() converts a whole column in C (0.7 ms -> 0.05 ms for 32 rows of the four outputs).
         columns = {name: _to_json_column(tensor.numpy()) for name, tensor in outputs.items()}
         return [{name: column[i] for name, column in columns.items()} for i in range(len(images))]
-
-
-def decode_error_cause(message: str) -> str:
-    """TF's error message for a failed decode -> its cause, e.g. "jpeg::Uncompress failed. Invalid JPEG
-    data or crop window.". Around the cause TF puts "Graph execution error:", "Detected at node ...",
-    the Python stack that built the graph (indented) or "<stack traces unavailable>" for a loaded
-    SavedModel, and node names (indented, "[[...]]"): the cause is the last line that is none of these."""
-    causes = [line for line in message.splitlines()
-              if line.strip() and not line[0].isspace()
-              and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>", "[["))]
-    return causes[-1].strip()[:200] if causes else "no cause given"
 
 
 def _describe(fn) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import dataclasses
 from typing import Sequence
 
@@ -40,7 +42,7 @@ def _split_weights(text: str) -> tuple[float, float, float]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--split takes three numbers like 80,10,10, got {text!r}") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or parts[0] <= 0:
         raise argparse.ArgumentTypeError(f"--split takes three non-negative weights with train > 0, got {text!r}")
     return parts
 
@@ -76,18 +78,35 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
     problems = []
     if config.image_size < 1:
         problems.append(f"--image_size must be positive, got {config.image_size}")
-    if config.shard_mb <= 0:
-        problems.append(f"--shard_mb must be positive, got {config.shard_mb}")
+    if not 0 < config.shard_mb < math.inf:
+        problems.append(f"--shard_mb must be a positive number, got {config.shard_mb}")
     if config.min_shards < 1:
         problems.append(f"--min_shards must be at least 1, got {config.min_shards}")
     if not 0.0 <= config.max_reject_fraction <= 1.0:
         problems.append(f"--max_reject_fraction must be in [0, 1], got {config.max_reject_fraction}")
-    if config.max_pixels < 1 or config.max_file_mb <= 0:
+    if config.max_pixels < 1 or not 0 < config.max_file_mb < math.inf:
         problems.append(f"--max_pixels and --max_file_mb must be positive, got {config.max_pixels}, {config.max_file_mb}")
     if not 1 <= config.jpeg_quality <= 100:
         problems.append(f"--jpeg_quality must be in 1..100, got {config.jpeg_quality}")
     if config.embedding_batch_size < 1:
         problems.append(f"--embedding_batch_size must be positive, got {config.embedding_batch_size}")
+    unknown = _flags_unknown_to_beam(beam_args)
+    if unknown:
+        ours = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
+        hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            flag.replace("-", "_").replace("__", "--"), ours, n=1)) else flag for flag in unknown]
+        problems.append(f"unknown flag(s) {', '.join(hints)}: neither the ETL's nor Beam's")
     if problems:
         parser.error("; ".join(problems))
     return config, beam_args
+
+
+def _flags_unknown_to_beam(beam_args: Sequence[str]) -> list[str]:
+    """The flags in `beam_args` that no Beam option class knows: Beam would only log
+    "Discarding unparseable args" and run with defaults (a mistyped --shard-mb did so)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(beam_args))
+    names = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    flags = [arg.split("=", 1)[0] for arg in beam_args if arg.startswith("--")]
+    return [flag for flag in flags if flag[2:].replace("-", "_") in names]

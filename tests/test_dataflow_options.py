@@ -79,3 +79,20 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
     assert pool.autoscaling_settings.algorithm.name == "AUTOSCALING_ALGORITHM_BASIC"
     assert pool.machine_type == "n1-standard-2"
     assert environment.temp_storage_prefix.startswith("storage.googleapis.com/my-bucket/dataflow/temp/")
+
+
+def test_the_etl_takes_every_flag_dataflow_options_prints_and_refuses_mistyped_ones(capsys):
+    from etl.options import parse_etl_args
+
+    args = dataflow_args("my-project", "europe-west4", "my-bucket", job_name="j", max_workers=7,
+                         machine_type="n1-standard-2")
+    _, beam_args = parse_etl_args(["--input", "gs://b/in.csv", "--output", "gs://b/out", *args])
+    assert beam_args == args  # all of them known to Beam: none refused
+    for argv, named in [(["--shard-mb", "0.001"], "--shard-mb (did you mean --shard_mb?)"),
+                        (["--imagesize=8"], "--imagesize (did you mean --image_size?)"),
+                        (["--shard_mb", "inf"], "--shard_mb must be a positive number, got inf"),
+                        (["--max_file_mb", "nan"], "--max_file_mb must be positive"),
+                        (["--split", "nan,1,1"], "--split takes three non-negative weights")]:
+        with pytest.raises(SystemExit):
+            parse_etl_args(["--input", "in.csv", "--output", "out", *argv])
+        assert named in capsys.readouterr().err, argv

@@ -5,6 +5,7 @@ Paths go through Beam's FileSystems, so local paths and gs:// work alike.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
 import posixpath
@@ -39,9 +40,18 @@ def is_folder_input(path: str) -> bool:
 
 
 def read_text(path: str) -> str:
-    """A whole (small) text file from any Beam file system; BOM and CRLF tolerated."""
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read().decode("utf-8-sig")
+    """A whole (small) text file from any Beam file system; BOM and CRLF tolerated. ValueError
+    naming the file when it is a folder, unreadable or not UTF-8."""
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            data = f.read()
+    except (OSError, IOError) as e:
+        raise ValueError(f"{path}: cannot read it: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at {e.start}); "
+                         f"save it as UTF-8") from None
 
 
 def read_labels_file(path: str) -> list[str]:
@@ -112,7 +122,7 @@ def list_class_folders(root: str) -> list[Row]:
     root = root.rstrip("/")
     if "://" not in root:
         root = os.path.abspath(root)  # rows are read later, relative to another folder
-    matches = FileSystems.match([root + "/*/*"])[0].metadata_list
+    matches = FileSystems.match([glob.escape(root) + "/*/*"])[0].metadata_list  # a root named "g[1]" is no pattern
     rows = []
     for m in matches:
         relative = m.path[len(root) + 1:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 import dataclasses
 from typing import Sequence
 
@@ -90,6 +91,12 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
         problems.append(f"--jpeg_quality must be in 1..100, got {config.jpeg_quality}")
     if config.embedding_batch_size < 1:
         problems.append(f"--embedding_batch_size must be positive, got {config.embedding_batch_size}")
+    # Local paths are stored absolute in the sidecar: the trainer loads the module from its own
+    # working directory, where "../mod32" names another folder or none.
+    for name in ("input", "labels", "embedding_module"):
+        value = getattr(config, name)
+        if value and "://" not in value and os.path.exists(value):
+            config = dataclasses.replace(config, **{name: os.path.abspath(value)})
     unknown = _flags_unknown_to_beam(beam_args)
     if unknown:
         ours = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]

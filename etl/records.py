@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import typing
 
 import apache_beam as beam
@@ -57,7 +59,18 @@ def sort_key_for(example_id: str) -> int:
 
 
 def read_limited(uri: str, max_bytes: int) -> bytes:
-    """The file's bytes, refusing (without reading on) a file larger than max_bytes."""
+    """The file's bytes, refusing (without reading on) a file larger than max_bytes, and a local
+    path that is not a regular file (opening a FIFO would wait for a writer forever)."""
+    if "://" not in uri:
+        try:
+            mode = os.stat(uri).st_mode
+        except FileNotFoundError:
+            raise ImageRejected("missing_file", "no such file") from None
+        except OSError as e:
+            raise ImageRejected("read_error", f"{type(e).__name__}: {e.strerror}") from None
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO or pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise ImageRejected("read_error", f"not a regular file ({kind})")
     try:
         with FileSystems.open(uri, compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)

@@ -1,5 +1,6 @@
 """Bad and messy input: every row is accounted for, each bad one with its reason; nothing crashes."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -176,3 +177,35 @@ def test_a_conversion_failure_is_said_once():
     with pytest.raises(image_check.ImageRejected) as e:
         load._canonical_bytes(truncated, image_check.read_header(truncated))
     assert e.value.detail.count("cannot convert GIF") == 1, e.value.detail
+
+
+def test_a_fifo_among_the_inputs_is_rejected_not_waited_on(tmp_path):
+    root = tmp_path / "g[1]"  # glob characters in the input folder's name are not a pattern
+    image_factory.write_class_folders(str(root), classes=("a", "b"), per_class=3)
+    os.mkfifo(root / "a" / "pipe.jpg")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "etl", "--input", str(root), "--output", str(out), "--form", "jpeg"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [reject] = read_rejects(out)
+    assert reject["uri"].endswith("pipe.jpg") and reject["reason"] == "read_error"
+    assert reject["detail"] == "not a regular file (a FIFO or pipe)"
+
+
+def test_a_labels_path_that_is_a_folder_or_not_utf8_is_named(tmp_path, class_folder_dataset):
+    latin1 = tmp_path / "labels.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    for labels, message in [(tmp_path, f"{tmp_path}: cannot read it"), (latin1, f"{latin1} is not UTF-8 text")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipeline.run(["--input", class_folder_dataset, "--labels", str(labels), "--output", str(tmp_path / "o")])
+
+
+def test_local_paths_are_stored_absolute_for_the_trainer(tmp_path, monkeypatch, class_folder_dataset):
+    from etl.options import parse_etl_args
+
+    (tmp_path / "module").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config, _ = parse_etl_args(["--input", os.path.relpath(class_folder_dataset), "--output", "out",
+                                "--form", "embeddings", "--embedding_module", "module"])
+    assert config.embedding_module == str(tmp_path / "module") and config.input == class_folder_dataset

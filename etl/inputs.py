@@ -24,6 +24,17 @@ class Row(typing.NamedTuple):
     uri: str
     label: str
     source: str  # the input line, for reject messages
+    # The uri relative to the input's root (the CSV's folder, or the class-folder root) when it lies
+    # under it: the split and the example id hash this, so a dataset moved to another disk or to
+    # gs:// keeps every image in its split (hashing the absolute path moved 619 of the sample's
+    # 1,797 images, and put 154 of its 190 test images in train).
+    key: str = ""
+
+
+def split_key(uri: str, root: str) -> str:
+    """`uri` relative to `root` if it lies under it, else `uri` itself."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
 
 
 def make_reject(uri: str, label: str, reason: str, detail: str, source: str = "") -> dict:
@@ -94,7 +105,7 @@ def resolve_path(path: str, csv_dir: str) -> str:
     return posixpath.normpath(posixpath.join(csv_dir, path))
 
 
-def parse_csv_line(line: str, csv_dir: str, header: list[str] | None):
+def parse_csv_line(line: str, csv_dir: str, header: list[str] | None, key_root: str | None = None):
     """One CSV line -> a Row, a reject dict, or nothing (blank line, header)."""
     line = line.lstrip("\ufeff").rstrip("\r\n")
     if not line.strip():
@@ -113,7 +124,8 @@ def parse_csv_line(line: str, csv_dir: str, header: list[str] | None):
         yield beam.pvalue.TaggedOutput("rejects", make_reject(
             path, label, "malformed_row", "empty path or label", line))
         return
-    yield Row(resolve_path(path, csv_dir), label, line)
+    uri = resolve_path(path, csv_dir)
+    yield Row(uri, label, line, split_key(uri, key_root or csv_dir))
 
 
 def list_class_folders(root: str) -> list[Row]:
@@ -171,9 +183,12 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
     csv_path = rows_csv or input_path
     header = detect_header(csv_path)
     csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    # Split keys are relative to the class-folder root for a folder input (its rows CSV sits elsewhere).
+    key_root = (os.path.abspath(input_path) if "://" not in input_path else input_path).rstrip("/") if rows_csv else csv_dir
     parsed = (pbegin
               | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True)
-              | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header).with_outputs("rejects", main="rows"))
+              | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root)
+              .with_outputs("rejects", main="rows"))
     deduplicated = (parsed.rows
                     | "KeyByUri" >> beam.Map(lambda r: (r.uri, r))
                     | "GroupByUri" >> beam.GroupByKey()

@@ -39,7 +39,8 @@ class Encoded(typing.NamedTuple):
 
 
 def split_for(uri: str, weights: tuple[float, float, float]) -> str:
-    """The split of an input, from a hash of its uri: the same on every run, runner and worker count."""
+    """The split of an input, from a hash of its key (`inputs.Row.key`, the uri relative to the input's
+    root): the same on every run, runner, worker count and location of the data."""
     fraction = int.from_bytes(hashlib.sha256(("split:" + uri).encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
     total = float(sum(weights))
     bound = 0.0
@@ -115,8 +116,9 @@ class LoadImage(beam.DoFn):
         except ImageRejected as e:
             yield beam.pvalue.TaggedOutput("rejects", make_reject(row.uri, row.label, e.reason, e.detail, row.source))
             return
-        example_id = example_id_for(row.uri)
-        yield Loaded(row, class_index[row.label], split_for(row.uri, self._split_weights), example_id,
+        key = row.key or row.uri
+        example_id = example_id_for(key)
+        yield Loaded(row, class_index[row.label], split_for(key, self._split_weights), example_id,
                      sort_key_for(example_id), header.height, header.width, canonical)
 
     def _canonical_bytes(self, data: bytes, header: image_check.ImageHeader) -> bytes:

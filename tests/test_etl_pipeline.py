@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -120,14 +121,14 @@ def test_sidecar_describes_the_files(tmp_path, class_folder_dataset):
                                              [s.file for i in meta.splits.values() for s in i.shards])
 
 
-def test_split_is_a_function_of_the_uri(tmp_path, class_folder_dataset):
+def test_split_is_a_function_of_the_path_under_the_input_root(tmp_path, class_folder_dataset):
     first = run_etl(class_folder_dataset, tmp_path / "a", "--form", "jpeg")
     second = run_etl(class_folder_dataset, tmp_path / "b", "--form", "jpeg", "--shard_mb", "0.002",
                      "--direct_num_workers", "2", "--direct_running_mode", "multi_threading")
     split_a = {u: r["split"] for u, r in read_records(str(tmp_path / "a"), first).items()}
     split_b = {u: r["split"] for u, r in read_records(str(tmp_path / "b"), second).items()}
     assert split_a == split_b
-    assert split_a == {u: records_lib.split_for(u, (80, 10, 10)) for u in split_a}
+    assert split_a == {u: records_lib.split_for(os.path.relpath(u, class_folder_dataset), (80, 10, 10)) for u in split_a}
     ids = {u: r["example_id"] for u, r in read_records(str(tmp_path / "a"), first).items()}
     assert len(set(ids.values())) == len(ids)
 
@@ -222,3 +223,26 @@ def test_relative_input_and_output_paths(tmp_path, class_folder_dataset, monkeyp
     meta = pipeline.run(["--input", "images", "--output", "out", "--form", "jpeg"])
     assert sum(meta.splits[s].num_examples for s in layout.SPLITS) == 24
     assert meta.extra["rejected"]["count"] == 0
+
+
+def test_moving_the_data_keeps_every_image_in_its_split(tmp_path, class_folder_dataset):
+    """Splits hash the path relative to the input's root, not the absolute path: an ETL of a copy
+    elsewhere (another checkout, a bucket) must not move test images into train. Both input kinds:
+    a class folder, and a CSV of paths relative to its own folder."""
+    def splits_by_relative_path(input_path, root, out):
+        meta = run_etl(input_path, out, "--form", "jpeg", "--split", "50,25,25")
+        return {os.path.relpath(uri, root): (r["split"], r["example_id"]) for uri, r in read_records(str(out), meta).items()}
+
+    tree = tmp_path / "tree"
+    shutil.copytree(class_folder_dataset, tree / "images")
+    rows = [(f"images/{label}/{name}", label) for label in ("cat", "dog", "owl")
+            for name in sorted(os.listdir(tree / "images" / label))]
+    image_factory.write_csv(str(tree / "rows.csv"), rows)
+    moved = tmp_path / "elsewhere" / "deeper" / "tree"
+    shutil.copytree(tree, moved)
+    for kind, input_here, input_there in [("folder", tree / "images", moved / "images"),
+                                          ("csv", tree / "rows.csv", moved / "rows.csv")]:
+        here = splits_by_relative_path(str(input_here), str(tree), tmp_path / f"{kind}_here")
+        there = splits_by_relative_path(str(input_there), str(moved), tmp_path / f"{kind}_there")
+        assert here == there, kind
+        assert len(here) == 24 and len({split for split, _ in here.values()}) == 3  # all splits in use

@@ -86,14 +86,27 @@ def _parse_fields(line: str) -> list[str] | None:
 
 
 def detect_header(csv_path: str) -> list[str] | None:
-    """The first line's fields if it is a header row (`path,label`, `image,class`, ...)."""
-    with FileSystems.open(csv_path, compression_type="uncompressed") as f:
+    """The first line's fields if it is a header row (`path,label`, `image,class`, `filepath,species`).
+
+    A header names its columns: a known path or label column name, or a first field with no file
+    extension. Never a row whose first field is a file that exists: `x.jpg,category` is an image
+    of the class "category", not a header. Read decompressed (`rows.csv.gz`), as Beam reads it."""
+    with FileSystems.open(csv_path) as f:  # AUTO: decompressed by extension, like ReadFromText
         first = f.readline().decode("utf-8-sig", errors="replace").strip()
     fields = _parse_fields(first)
-    if fields and len(fields) >= 2:
-        if fields[0].strip().lower() in _HEADER_PATH_NAMES or fields[-1].strip().lower() in _HEADER_LABEL_NAMES:
-            return [x.strip() for x in fields]
-    return None
+    if not fields or len(fields) < 2:
+        return None
+    path, label = fields[0].strip(), fields[-1].strip()
+    named = path.lower() in _HEADER_PATH_NAMES or label.lower() in _HEADER_LABEL_NAMES
+    if not (named or not posixpath.splitext(path)[1]):
+        return None
+    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    try:
+        if path and FileSystems.exists(resolve_path(path, csv_dir)):
+            return None
+    except Exception:  # an unreachable store: only column names make a header
+        return [x.strip() for x in fields] if named else None
+    return [x.strip() for x in fields]
 
 
 def resolve_path(path: str, csv_dir: str) -> str:
@@ -105,9 +118,19 @@ def resolve_path(path: str, csv_dir: str) -> str:
     return posixpath.normpath(posixpath.join(csv_dir, path))
 
 
-def parse_csv_line(line: str, csv_dir: str, header: list[str] | None, key_root: str | None = None):
-    """One CSV line -> a Row, a reject dict, or nothing (blank line, header)."""
-    line = line.lstrip("\ufeff").rstrip("\r\n")
+def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key_root: str | None = None):
+    """One CSV line (bytes, as read) -> a Row, a reject dict, or nothing (blank line, header).
+    A line that is not UTF-8 is a malformed_row reject, not the end of the job."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            shown = raw.decode("utf-8", errors="replace")
+            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+                "", "", "malformed_row", f"the line is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at {e.start}); "
+                                         f"save the CSV as UTF-8", shown))
+            return
+    line = raw.lstrip("\ufeff").rstrip("\r\n")
     if not line.strip():
         return
     fields = _parse_fields(line)
@@ -186,7 +209,7 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
     # Split keys are relative to the class-folder root for a folder input (its rows CSV sits elsewhere).
     key_root = (os.path.abspath(input_path) if "://" not in input_path else input_path).rstrip("/") if rows_csv else csv_dir
     parsed = (pbegin
-              | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True)
+              | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True, coder=beam.coders.BytesCoder())
               | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root)
               .with_outputs("rejects", main="rows"))
     deduplicated = (parsed.rows

@@ -209,3 +209,26 @@ def test_local_paths_are_stored_absolute_for_the_trainer(tmp_path, monkeypatch, 
     config, _ = parse_etl_args(["--input", os.path.relpath(class_folder_dataset), "--output", "out",
                                 "--form", "embeddings", "--embedding_module", "module"])
     assert config.embedding_module == str(tmp_path / "module") and config.input == class_folder_dataset
+
+
+def test_header_rows_are_told_from_data_rows_and_a_latin1_line_is_one_reject(tmp_path):
+    import gzip
+
+    good = image_factory.write_class_folders(str(tmp_path / "in"), classes=("cat", "category"), per_class=3)
+    # First row: an image whose class happens to be called "category"; it is data, not a header.
+    data_first = image_factory.write_csv(str(tmp_path / "data_first.csv"),
+                                         sorted(good, key=lambda r: r[1] != "category"))
+    meta = pipeline.run(["--input", data_first, "--output", str(tmp_path / "a"), "--form", "jpeg"])
+    assert count_records(tmp_path / "a", meta) == 6 and meta.class_names == ("cat", "category")
+    # A header with names the ETL does not know, gzipped: still a header, not a row or a class.
+    text = "filepath,species\n" + "".join(f"{path},{label}\n" for path, label in good)
+    (tmp_path / "rows.csv.gz").write_bytes(gzip.compress(text.encode()))
+    meta = pipeline.run(["--input", str(tmp_path / "rows.csv.gz"), "--output", str(tmp_path / "b"), "--form", "jpeg"])
+    assert meta.class_names == ("cat", "category") and meta.extra["input"]["num_rows"] == 6
+    # One Latin-1 line: that row is rejected; the job goes on.
+    latin1 = "".join(f"{path},{label}\n" for path, label in good).encode() + "caf\xe9.jpg,cat\n".encode("latin-1")
+    (tmp_path / "latin1.csv").write_bytes(latin1)
+    meta = pipeline.run(["--input", str(tmp_path / "latin1.csv"), "--output", str(tmp_path / "c"), "--form", "jpeg"])
+    [reject] = read_rejects(tmp_path / "c")
+    assert reject["reason"] == "malformed_row" and "not UTF-8 (byte b'\\xe9'" in reject["detail"]
+    assert count_records(tmp_path / "c", meta) == 6

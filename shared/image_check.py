@@ -163,8 +163,10 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
             raise ImageRejected("corrupt", f"a floating-point image with values in [{low:g}, {high:g}]; only [0, 1] "
                                            f"has a known meaning as pixels")
         scaled = values * 255.0
-    elif image.mode.startswith("I;16") or (low >= 0 and high <= 65535):
+    elif image.mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535):
         scaled = values / 257.0  # 65535 -> 255, as TF and libpng reduce 16 bits to 8
+    elif low >= 0 and high <= 255:  # 32-bit container ("I") of 8-bit values
+        scaled = values
     else:
         raise ImageRejected("corrupt", f"a 32-bit integer image with values in [{low:g}, {high:g}]; only 16-bit "
                                        f"ranges have a known meaning as pixels")

@@ -238,3 +238,10 @@ def test_a_float_image_in_0_1_is_scaled_and_other_ranges_are_refused():
     data = encode(Image.fromarray(grey_gradient(np.float32) * 1000, "F"), "TIFF")
     with pytest.raises(image_check.ImageRejected, match=r"values in \[0, 1000\]"):
         image_check.to_rgb_image_bytes(data, "PNG")
+
+
+def test_a_32_bit_integer_image_of_8_bit_values_keeps_them():
+    values = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.int32)
+    data = encode(Image.fromarray(values, "I"), "TIFF")
+    converted = np.asarray(Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG"))))
+    np.testing.assert_array_equal(converted[..., 0], values)

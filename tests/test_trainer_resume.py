@@ -157,3 +157,19 @@ def test_auto_falls_back_from_a_tpu_hint_without_a_tpu_and_tpu_names_an_unreacha
     monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", unreachable)
     with pytest.raises(ValueError, match=r"--strategy tpu: no TPU resolves \(URLError: .*Name or service"):
         strategy_lib.get_strategy("tpu")
+
+
+def test_a_run_at_chance_is_flagged_and_an_ignored_image_size_is_said(caplog):
+    import logging
+
+    assert "about chance (1/10 classes = 0.100)" in train.chance_warning(0.0597, 10)
+    assert train.chance_warning(0.31, 10) is None and train.chance_warning(None, 10) is None
+    from shared import metadata, schema
+
+    meta = metadata.DatasetMetadata(schema.SCHEMA_VERSION, "pixels", ("a", "b"), schema.record_features("pixels", 32),
+                                    {}, {})
+    caplog.set_level(logging.WARNING)
+    config = config_lib.parse_config(["--data", "d", "--job_dir", "r", "--image_size", "224", "--crop_ratio", "0.5"])
+    spec = train.resolve_model_spec(config, meta)
+    assert (spec.input_size, spec.model_size) == (32, 16)
+    assert "--image_size 224 ignored: the pixels form's images are 32 px" in caplog.text

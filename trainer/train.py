@@ -48,8 +48,22 @@ def resolve_model_spec(config: config_lib.TrainConfig, meta: metadata.DatasetMet
                                 with_color_distort=False, **common)
     input_size = ingest.input_image_size(meta, config.image_size, config.crop_ratio)
     model_size = config.image_size if meta.form == "jpeg" else ingest.model_image_size(input_size, config.crop_ratio)
+    if meta.form == "pixels" and config.image_size not in (input_size, model_size):
+        logging.warning("--image_size %d ignored: the pixels form's images are %d px (the sidecar's), and the model "
+                        "sees %d px crops of them (--crop_ratio %g); re-run the ETL with --image_size to change it",
+                        config.image_size, input_size, model_size, config.crop_ratio)
     return models.ModelSpec(config.model, input_size=input_size, model_size=model_size,
                             with_flip=config.with_flip, with_color_distort=config.with_color_distort, **common)
+
+
+def chance_warning(val_accuracy: float | None, num_classes: int) -> str | None:
+    """A warning when the validation accuracy is within 1.5x of guessing (1/num_classes), else None:
+    such a run exits 0 like any other (the book's default dnn does this on the digits for some seeds)."""
+    chance = 1.0 / max(1, num_classes)
+    if val_accuracy is None or val_accuracy > 1.5 * chance:
+        return None
+    return (f"val_accuracy {val_accuracy:.3f} is about chance (1/{num_classes} classes = {chance:.3f}): the model "
+            f"learned little; try another --lrate or --seed, more --num_hidden, or more epochs")
 
 
 def _backup_exists(job_dir: str) -> bool:
@@ -227,6 +241,9 @@ def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetM
     export_model, metrics = evaluate_best(spec, meta, config, spec.input_size)
     metrics.update({"best_epoch": best["epoch"] + 1, "best_epoch_val_accuracy": best.get(callbacks.MONITOR),
                     "epochs_run": len(entries), "model": spec.kind, "form": meta.form})
+    warning = chance_warning(metrics.get("val_accuracy"), len(meta.class_names))
+    if warning:  # exported anyway: the run did what it was asked, and the numbers are in metrics.json
+        logging.warning("%s", warning)
     with tf.io.gfile.GFile(os.path.join(config.job_dir, HISTORY_FILE), "w") as f:
         f.write(json.dumps(history, indent=2) + "\n")
     plots.plot_training_curves(history, os.path.join(config.job_dir, CURVES_FILE),

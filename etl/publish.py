@@ -11,6 +11,8 @@ import collections
 import json
 import logging
 import os
+import socket
+import time
 import uuid
 from typing import Sequence
 
@@ -72,6 +74,11 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
         raise OutputNotEmptyError(f"--output {output} is a file; give a folder (it is created if missing)")
     entries = _list_entries(output)
     leftovers = [e for e in entries if e.startswith(TEMP_PREFIX)]
+    running = [e for e in leftovers if _owner_is_running(layout.join(output, e))]
+    if running and not overwrite:
+        raise OutputNotEmptyError(
+            f"another ETL run is writing to {output} (staging folder {running[0]}, "
+            f"{_owner_text(layout.join(output, running[0]))}); wait for it, or pass --overwrite to replace it")
     if entries == [layout.REJECTS_FILE] or (set(entries) - set(leftovers)) == {layout.REJECTS_FILE}:
         leftovers.append(layout.REJECTS_FILE)
     if leftovers:
@@ -90,7 +97,48 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
                 "replaces ETL outputs, so remove them or choose another folder")
     temp_dir = layout.join(output, TEMP_PREFIX + uuid.uuid4().hex[:12])
     FileSystems.mkdirs(temp_dir)
+    write_text(layout.join(temp_dir, OWNER_FILE), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     return temp_dir, rest
+
+
+OWNER_FILE = "owner.json"  # in each staging folder: the run writing it, so that another run can tell
+# a killed run's left-overs (removed) from a live run's staging (refused, not deleted under it)
+STALE_SECONDS = 24 * 3600  # a staging folder of another machine's run older than this is a left-over
+
+
+def _owner_text(staging: str) -> str:
+    try:
+        with FileSystems.open(layout.join(staging, OWNER_FILE), compression_type="uncompressed") as f:
+            owner = json.loads(f.read())
+        return f"process {owner['pid']} on {owner['host']}"
+    except Exception:
+        return "owner unknown"
+
+
+def _owner_is_running(staging: str) -> bool:
+    """Whether the run that made `staging` may still be writing: its process is alive on this
+    machine, or it ran on another machine and its owner file is under STALE_SECONDS old. A folder
+    without an owner file (a run killed before writing it) is a left-over."""
+    path = layout.join(staging, OWNER_FILE)
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            owner = json.loads(f.read())
+        host, pid = owner["host"], int(owner["pid"])
+    except Exception:
+        return False
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # it exists, as another user
+        return pid != os.getpid()
+    try:
+        age = time.time() - FileSystems.match([path])[0].metadata_list[0].last_updated_in_seconds
+    except Exception:
+        return True
+    return age < STALE_SECONDS
 
 
 def _read_lines(pattern: str) -> list[str]:

@@ -232,3 +232,26 @@ def test_header_rows_are_told_from_data_rows_and_a_latin1_line_is_one_reject(tmp
     [reject] = read_rejects(tmp_path / "c")
     assert reject["reason"] == "malformed_row" and "not UTF-8 (byte b'\\xe9'" in reject["detail"]
     assert count_records(tmp_path / "c", meta) == 6
+
+
+def test_a_live_runs_staging_folder_is_not_deleted_under_it(tmp_path, class_folder_dataset):
+    """A staging folder whose owner process is alive (another run to the same --output) is refused,
+    not removed as a left-over; once that process is gone, it is a left-over."""
+    import json as json_lib
+    import socket
+
+    out = tmp_path / "out"
+    staging = out / (publish.TEMP_PREFIX + "0123456789ab")
+    staging.mkdir(parents=True)
+    (staging / "records-00000.part").write_bytes(b"being written")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (staging / publish.OWNER_FILE).write_text(json_lib.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(publish.OutputNotEmptyError, match=f"another ETL run is writing .*process {other.pid}"):
+            pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg"])
+        assert (staging / "records-00000.part").read_bytes() == b"being written"
+    finally:
+        other.kill()
+        other.wait()
+    pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg"])
+    assert not staging.exists() and (out / layout.METADATA_FILE).exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import stat
 import typing
 
 import apache_beam as beam
@@ -18,7 +17,6 @@ from apache_beam.io.filesystems import FileSystems
 from etl.inputs import Row, make_reject
 from shared import image_check, layout, schema
 from shared.image_check import ImageRejected
-from shared.image_check import decode_error_cause
 
 
 class Loaded(typing.NamedTuple):
@@ -69,9 +67,9 @@ def read_limited(uri: str, max_bytes: int) -> bytes:
             raise ImageRejected("missing_file", "no such file") from None
         except OSError as e:
             raise ImageRejected("read_error", f"{type(e).__name__}: {e.strerror}") from None
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO or pipe" if stat.S_ISFIFO(mode) else "a device or socket"
-            raise ImageRejected("read_error", f"not a regular file ({kind})")
+        problem = image_check.not_a_regular_file(mode)
+        if problem:
+            raise ImageRejected("read_error", problem)
     try:
         with FileSystems.open(uri, compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)
@@ -179,7 +177,7 @@ class EncodeTensor(beam.DoFn):
                 logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
                 yield beam.pvalue.TaggedOutput("rejects", make_reject(
                     item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}: "
-                    f"{decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source))
+                    f"{image_check.decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source))
                 continue
             values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
             yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))

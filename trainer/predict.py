@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import stat
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -47,10 +46,6 @@ class FilePrediction:
                            "probability": p["probability"]})
 
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
                     max_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)) -> bytes:
     """The file's bytes made model-ready, or OSError / ImageRejected saying why not.
@@ -59,16 +54,18 @@ def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
     or pipe reports size 0 ("empty") to tf.io.gfile. Files over `max_bytes` are refused unread."""
     import tensorflow as tf
 
-    if "://" not in path:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as e:
-            raise OSError(f"cannot read: {e.strerror}") from None
-        if not stat.S_ISREG(mode):
-            kind = next((kind for is_kind, kind in _NOT_REGULAR if is_kind(mode)), oct(stat.S_IFMT(mode)))
-            raise OSError(f"not a regular file ({kind})")
     try:
-        size = tf.io.gfile.stat(path).length
+        if "://" in path:
+            size = tf.io.gfile.stat(path).length
+        else:
+            try:
+                info = os.stat(path)
+            except OSError as e:
+                raise OSError(f"cannot read: {e.strerror}") from None
+            problem = image_check.not_a_regular_file(info.st_mode)
+            if problem:
+                raise OSError(problem)
+            size = info.st_size
         if size > max_bytes:
             raise image_check.ImageRejected("too_large", f"the file has {size:,} bytes, over --max_file_mb "
                                                          f"({max_bytes / 2**20:.3g} MB)")

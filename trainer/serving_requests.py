@@ -14,7 +14,6 @@ import binascii
 import dataclasses
 import os
 import re
-import stat
 import sys
 from typing import Any
 
@@ -189,8 +188,9 @@ def read_file_under_root(index: int, name: Any, limits: ServingLimits) -> bytes:
         if sys.platform.startswith("linux") and not _is_under(os.readlink(f"/proc/self/fd/{fd}"), root):
             raise RequestRejected(403, f"instance {index}: {name[:200]!r} is outside the allowed root")
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise RequestRejected(400, f"instance {index}: {name[:200]!r} is not a regular file")
+        problem = image_check.not_a_regular_file(info.st_mode)
+        if problem:
+            raise RequestRejected(400, f"instance {index}: {name[:200]!r} is {problem}")
         if info.st_size > limits.max_body_bytes:
             raise RequestRejected(413, f"instance {index}: {name[:200]!r} has {info.st_size:,} bytes, over the "
                                        f"limit of {limits.max_body_bytes:,} (--max_body_mb)")

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared import image_check
-from shared.image_check import decode_error_cause
 
 SERVING_SIGNATURE = "serving_default"
 INPUT_NAME = "image_bytes"
@@ -97,7 +96,7 @@ class ExportedModel:
                     self._serve(**{INPUT_NAME: tf.constant([image], dtype=tf.string)})
                 except tf.errors.InvalidArgumentError as single:
                     raise BatchDecodeError(index, f"the image does not decode (corrupt or truncated: "
-                                                  f"{decode_error_cause(single.message)})") from None
+                                                  f"{image_check.decode_error_cause(single.message)})") from None
             raise BatchDecodeError(-1, f"the batch failed but every image alone succeeded: {e.message}") from e
         # tolist() converts a whole column in C (0.7 ms -> 0.05 ms for 32 rows of the four outputs).
         columns = {name: _to_json_column(tensor.numpy()) for name, tensor in outputs.items()}

@@ -66,16 +66,20 @@ def chance_warning(val_accuracy: float | None, num_classes: int) -> str | None:
             f"learned little; try another --lrate or --seed, more --num_hidden, or more epochs")
 
 
+def _backup_checkpoint(job_dir: str) -> str | None:
+    """BackupAndRestore's latest complete checkpoint (its manager writes to backup/chief), or None."""
+    return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief"))
+
+
 def _backup_exists(job_dir: str) -> bool:
-    """Whether BackupAndRestore left a complete checkpoint (its manager writes to backup/chief)."""
-    return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief")) is not None
+    return _backup_checkpoint(job_dir) is not None
 
 
 def restored_epochs(job_dir: str) -> int:
     """The epoch BackupAndRestore will resume at: how many epochs its checkpoint holds (0 without one).
     It saves tf_keras's `ckpt_saved_epoch` (0-based, the last finished) and `ckpt_saved_batch` (-1
     at an epoch's end; a batch number when it saved mid-epoch, which resumes inside that epoch)."""
-    path = tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief"))
+    path = _backup_checkpoint(job_dir)
     if path is None:
         return 0
     reader = tf.train.load_checkpoint(path)

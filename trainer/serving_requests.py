@@ -36,8 +36,9 @@ class ServingLimits:
     max_body_bytes: int = 10 * 2**20  # 10 MiB: 64 phone-camera JPEGs of ~110 KB in base64, or one 7 MB photo
     max_instances: int = 64
     max_pixels: int = image_check.DEFAULT_MAX_PIXELS  # per image, from its header: the ETL's 40 MP
-    # All images of one request: TF decodes each to uint8 and resizes that (3 bytes a pixel), so
-    # 100 MP bounds one request's decode memory near 300 MB even if every image were in flight.
+    # All images of one request: TF decodes each to uint8 (3 bytes a pixel) and copies it to float32
+    # only if it is smaller than the model's input (shared.preprocess.resize_image), so 100 MP bounds
+    # one request's decode memory near 300 MB even if every image were in flight.
     max_request_pixels: int = 100_000_000
     allow_root: str | None = None  # real path of the folder `filenames` may read; None = filenames refused
 

@@ -25,6 +25,14 @@ def test_bench_measures_server_and_in_process_for_each_caller_count(test_export,
     assert results["gain_2"] == pytest.approx(results["server_32_2"] / results["server_1_2"])
     assert results["own_gain_1"] == pytest.approx(results["in-process_32_1"] / results["in-process_1_1"])
     assert out.count("goal, ") == 4 and out.count("the model alone gains") == 2
+    # The limit under both: decoding 320x240 JPEGs is most of the model's call (80-95% on an idle
+    # machine; wide bounds for a shared CI run of 0.3 s), so a decode-only call that skipped the
+    # decode (10x faster) or did more than the model's call would fall outside them.
+    for callers in (1, 2):
+        assert results[f"model_of_limit_{callers}"] == pytest.approx(
+            results[f"in-process_32_{callers}"] / results[f"decode_32_{callers}"])
+        assert 0.3 < results[f"model_of_limit_{callers}"] < 1.3
+    assert out.count("decoding the 32 images alone") == 2
     # The breakdown comes from the server's Server-Timing header, so it must agree with what the
     # client saw: each round trip contains the handler's time, which contains the model call.
     for batch in (1, 32):

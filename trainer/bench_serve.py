@@ -7,8 +7,9 @@ here as `python -m trainer.serve` on a free 127.0.0.1 port), and the export's ba
 called in-process through the server's own model call (`ExportedModel.predict`), for one caller and
 for one per core (a server is loaded by concurrent clients; the in-process rows get as many calling
 threads, so both sides get the same concurrency); then where a request's time goes (the client's
-round trip split by the server's Server-Timing phases, next to the in-process call), and the two
-goals of issue 4 for each caller count:
+round trip split by the server's Server-Timing phases, next to the in-process call), the
+machine's limit under both (decoding the same images alone, as the model's call decodes them),
+and the two goals of issue 4 for each caller count:
   a 32-image request gives >= 5x the images/s of single-image requests;
   the server reaches >= 80% of the in-process images/s for batches of 32.
 """
@@ -126,6 +127,22 @@ def make_in_process_call(model_path: str, thread_spinning: bool):
         disable_thread_spinning()  # RuntimeError if this process already ran TensorFlow: pass --thread_spinning
     model = load_exported_model(model_path)
     return lambda images: (lambda: model.predict(images))
+
+
+def make_decode_only_call():
+    """images -> a call that only decodes them, as the export's signature does (`decode_image` in a
+    tf.map_fn over the batch, from a tensor built from the bytes): the floor under the model's
+    batched call, whatever the model, since every image is decoded in full before it is resized."""
+    import tensorflow as tf
+
+    from shared import preprocess
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode_all(image_bytes):
+        # One pixel of each image comes out: nothing big is copied back, and the decode cannot be pruned.
+        return tf.map_fn(lambda b: preprocess.decode_image(b)[0, 0, 0], image_bytes, fn_output_signature=tf.uint8)
+
+    return lambda images: (lambda: decode_all(tf.constant(images)).numpy())
 
 
 class ServerClient:
@@ -248,11 +265,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"{'spin' if args.thread_spinning else 'sleep'} between calls on both sides")
     port = free_port()
     in_process = make_in_process_call(args.model, args.thread_spinning)
+    decode_only = make_decode_only_call()
     server = start_server(args.model, port, args.server_log, args.thread_spinning)
     calls = {}
     for batch in BATCH_SIZES:
         calls["server", batch] = make_server_post(port, images[:batch])
         calls["in-process", batch] = lambda batch=batch: in_process(images[:batch])
+    calls["decode", count] = lambda: decode_only(images)
     answer = json.loads(calls["server", count]()())
     if len(answer.get("predictions", [])) != count:
         raise SystemExit(f"error: the server answered {str(answer)[:300]} to {count} instances")
@@ -263,11 +282,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     try:
         for _ in range(args.repeats):
             for callers in caller_counts:
-                for batch in BATCH_SIZES:
-                    for where in ("server", "in-process"):
-                        rate = measure(calls[where, batch], callers, args.seconds,
-                                       server.pid if where == "server" else None)
-                        runs.setdefault((where, batch, callers), []).append(rate)
+                for where, batch in [(w, b) for b in BATCH_SIZES for w in ("server", "in-process")] + [("decode", count)]:
+                    rate = measure(calls[where, batch], callers, args.seconds, server.pid if where == "server" else None)
+                    runs.setdefault((where, batch, callers), []).append(rate)
     finally:
         server.terminate()
         server.wait(30)
@@ -336,6 +353,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
               f"{'at least' if gain >= own_gain else 'less than'} that ({gain:.2f}x)")
         print(f"goal, {callers} caller(s): the server reaches {share:.1%} of in-process images/s at batch 32 "
               f"(goal >= 80%): {'met' if share >= 0.8 else 'NOT met'}")
+        decoded = runs["decode", 32, callers]
+        own_of_limit = paired(lambda i: own_32[i].calls_per_s, lambda i: decoded[i].calls_per_s)
+        served_of_limit = paired(lambda i: served_32[i].calls_per_s, lambda i: decoded[i].calls_per_s)
+        results[f"model_of_limit_{callers}"], results[f"server_of_limit_{callers}"] = own_of_limit, served_of_limit
+        print(f"  the limit, {callers} caller(s): decoding the 32 images alone, as the model's call does, runs at "
+              f"{rate_of('decode', 32, callers) * 32:.0f} images/s; the model's call reaches {own_of_limit:.0%} "
+              f"of that and the server {served_of_limit:.0%}")
         model_cpu = cpu_of("in-process", 32, callers, "here_cpu_ms")
         server_cpu = cpu_of("server", 32, callers, "server_cpu_ms")
         if server_cpu is not None:

@@ -60,6 +60,9 @@ def test_malformed_files_name_the_field(tmp_path, body, message):
     ("parameters:\n  model: {type: categorical, values: [dnn, resnet]}\n", [], "'resnet' is not one of"),
     ("parameters:\n  with_flip: {type: categorical, values: [\"maybe\"]}\n", [], "with_flip='maybe'"),
     ("parameters:\n  l2: {type: double, min: 0, max: 1}\n", ["--l2=0.1"], "both tuned and fixed"),
+    # Optuna and Vertex would pass 23.7 from this range: every trial would fail on --batch_size.
+    ("parameters:\n  batch_size: {type: double, min: 16, max: 64}\n", [],
+     "batch_size is a double range [16, 64] but --batch_size takes whole numbers"),
 ])
 def test_spaces_that_do_not_fit_the_trainer_are_refused(body, fixed, message):
     with pytest.raises(SearchSpaceError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -251,6 +251,11 @@ def check_against_trainer(space: SearchSpace, fixed_flags: Sequence[str] = ()) -
                 continue
             if action.choices is not None and parsed not in action.choices:
                 problems.append(f"{p.name}={text!r} is not one of {list(action.choices)}")
+            elif p.type == "double" and isinstance(parsed, int) and not isinstance(parsed, bool):
+                # Its ends parse, but the values between them ("--batch_size=23.7") would not.
+                problems.append(f"{p.name} is a double range [{p.min}, {p.max}] but --{p.name} takes whole "
+                                f"numbers; make it `type: integer` or `type: discrete`")
+                break
     fixed_names = {f.split("=", 1)[0].lstrip("-") for f in fixed_flags if f.startswith("--")}
     fixed_dests = {by_flag[f"--{n}"].dest for n in fixed_names if f"--{n}" in by_flag}
     overlap = sorted(p.name for p in space.parameters if f"--{p.name}" in by_flag

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 
 import pytest
 from google.cloud import aiplatform_v1 as aip
@@ -137,10 +138,24 @@ def test_grid_search_maps_to_grid_search_and_caps_the_budget_at_the_grid():
     ("tpu", None, "NVIDIA_TESLA_T4:8", "TPU_V2:8 or TPU_V3:8"),
     ("multi_worker", None, "NVIDIA_TESLA_T4:1", "at least 2"),
     ("mirrored", None, "NVIDIA_TESLA_X9:1", "unknown accelerator"),
+    # Vertex AI refuses these: A100s and L4s are built into a2 and g2 machines, T4s come 1, 2 or 4.
+    ("mirrored", "n1-standard-8", "NVIDIA_TESLA_A100:2", "runs on ['a2-highgpu-2g'], not 'n1-standard-8'"),
+    ("mirrored", "a2-highgpu-1g", "NVIDIA_TESLA_A100:2", "not 'a2-highgpu-1g'"),
+    ("mirrored", None, "NVIDIA_L4:3", "hold [1, 2, 4, 8] GPUs"),
+    ("mirrored", None, "NVIDIA_TESLA_T4:3", "takes [1, 2, 4]"),
+    ("mirrored", "e2-standard-8", "NVIDIA_TESLA_T4:2", "N1 machines only"),
+    ("mirrored", None, "NVIDIA_B200:8", "pass --machine"),
 ])
 def test_hardware_that_does_not_fit_the_strategy_is_refused(strategy, machine, accelerator, message):
-    with pytest.raises(vertex_specs.SpecError, match=message):
+    with pytest.raises(vertex_specs.SpecError, match=re.escape(message)):
         vertex_specs.make_hardware(strategy, machine, accelerator, workers=1)
+
+
+@pytest.mark.parametrize("accelerator, machine", [
+    ("NVIDIA_TESLA_T4:4", "n1-standard-8"), ("NVIDIA_TESLA_A100:2", "a2-highgpu-2g"),
+    ("NVIDIA_A100_80GB:1", "a2-ultragpu-1g"), ("NVIDIA_L4:1", "g2-standard-8"), ("NVIDIA_H100_80GB:8", "a3-highgpu-8g")])
+def test_the_default_machine_is_one_that_takes_the_gpus(accelerator, machine):
+    assert vertex_specs.make_hardware("mirrored", None, accelerator).machine_type == machine
 
 
 def test_prebuilt_images_match_accelerator_version_and_region():

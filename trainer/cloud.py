@@ -48,7 +48,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
     common.add_argument("--project", required=True)
     common.add_argument("--region", default="us-central1")
     common.add_argument("--strategy", choices=vertex_specs.STRATEGIES, default="one_device")
-    common.add_argument("--machine", default=None, help="machine type; default n1-standard-4 (CPU), n1-standard-8 (GPU)")
+    common.add_argument("--machine", default=None, help="machine type; default n1-standard-4 (CPU), n1-standard-8 (T4, V100, P100, P4), "
+                        "the a2/g2/a3 type that holds the GPUs (A100, L4, H100)")
     common.add_argument("--accelerator", default=None, help="TYPE:COUNT per machine, e.g. NVIDIA_TESLA_T4:2, TPU_V3:8")
     common.add_argument("--workers", type=int, default=2, help="machines in total for multi_worker")
     common.add_argument("--tf_version", default=None, help="of the prebuilt image; default: the newest there is")

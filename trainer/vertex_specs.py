@@ -28,6 +28,20 @@ PREBUILT_IMAGE_PYTHON = "3.10"
 TPU_MACHINE_TYPE = "cloud-tpu"  # TPU VMs: machine type cloud-tpu with TPU_V2 or TPU_V3 x 8
 TPU_CORES = 8
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
+# GPUs that attach to N1 machines, and how many one machine takes (Vertex AI's custom-training
+# compute table); no other general-purpose family (e2, n2, ...) takes GPUs.
+N1_GPU_COUNTS = {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_P4": (1, 2, 4), "NVIDIA_TESLA_P100": (1, 2, 4),
+                 "NVIDIA_TESLA_V100": (1, 2, 4, 8), "NVIDIA_TESLA_K80": (1, 2, 4, 8)}
+# GPUs built into accelerator-optimized machines: machine type -> its GPU count (the first of a
+# count is the default machine). Other new GPUs have no entry: they need --machine.
+GPU_MACHINES = {
+    "NVIDIA_TESLA_A100": {"a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4, "a2-highgpu-8g": 8,
+                          "a2-megagpu-16g": 16},
+    "NVIDIA_A100_80GB": {"a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4, "a2-ultragpu-8g": 8},
+    "NVIDIA_L4": {"g2-standard-8": 1, "g2-standard-4": 1, "g2-standard-12": 1, "g2-standard-16": 1,
+                  "g2-standard-32": 1, "g2-standard-24": 2, "g2-standard-48": 4, "g2-standard-96": 8},
+    "NVIDIA_H100_80GB": {"a3-highgpu-8g": 8},
+}
 TRAINER_MODULE = "trainer.train"
 
 _SCALES = {"linear": aip.StudySpec.ParameterSpec.ScaleType.UNIT_LINEAR_SCALE,
@@ -94,11 +108,38 @@ def make_hardware(strategy: str, machine_type: str | None, accelerator: str | No
         return Hardware(strategy, TPU_MACHINE_TYPE, acc_type, acc_count)
     if acc_type is None or is_tpu:
         raise SpecError(f"strategy {strategy} needs GPUs, e.g. --accelerator NVIDIA_TESLA_T4:2; got {accelerator!r}")
+    machine_type = gpu_machine_type(acc_type, acc_count, machine_type)
     if strategy == "mirrored":
-        return Hardware(strategy, machine_type or "n1-standard-8", acc_type, acc_count)
+        return Hardware(strategy, machine_type, acc_type, acc_count)
     if workers < 2:
         raise SpecError(f"strategy multi_worker needs --workers of at least 2 machines, got {workers}")
-    return Hardware(strategy, machine_type or "n1-standard-8", acc_type, acc_count, workers)
+    return Hardware(strategy, machine_type, acc_type, acc_count, workers)
+
+
+def gpu_machine_type(acc_type: str, acc_count: int, machine_type: str | None) -> str:
+    """The machine for `acc_count` GPUs of `acc_type` (the given one, checked, or the default);
+    Vertex AI refuses a GPU on a machine family that does not take it, or an unsupported count."""
+    if acc_type in N1_GPU_COUNTS:
+        counts = N1_GPU_COUNTS[acc_type]
+        if acc_count not in counts:
+            raise SpecError(f"{acc_type}:{acc_count}: an N1 machine takes {list(counts)} of them")
+        if machine_type is not None and not machine_type.startswith("n1-"):
+            raise SpecError(f"{acc_type} attaches to N1 machines only (e.g. n1-standard-8), not {machine_type!r}")
+        return machine_type or "n1-standard-8"
+    machines = GPU_MACHINES.get(acc_type)
+    if machines is None:
+        if machine_type is None:
+            raise SpecError(f"{acc_type} comes built into its own machine types: pass --machine")
+        return machine_type
+    fitting = [m for m, n in machines.items() if n == acc_count]
+    if machine_type is None:
+        if not fitting:
+            raise SpecError(f"{acc_type}:{acc_count}: its machines hold {sorted(set(machines.values()))} GPUs")
+        return fitting[0]
+    if machine_type not in fitting:
+        raise SpecError(f"{acc_type}:{acc_count} runs on {fitting or list(machines)}, not {machine_type!r} "
+                        f"(the GPUs are built into the machine type)")
+    return machine_type
 
 
 def _image_host(region: str) -> str:

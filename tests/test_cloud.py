@@ -27,8 +27,8 @@ LAYOUTS = {  # strategy -> (hardware flags, image kind, replica counts per pool,
     "one_device": ([], "tf-cpu.", [1], None),
     "mirrored": (["--machine", "n1-standard-8", "--accelerator", "NVIDIA_TESLA_T4:2"], "tf-gpu.", [1],
                  ("NVIDIA_TESLA_T4", 2)),
-    "multi_worker": (["--accelerator", "NVIDIA_TESLA_T4:1", "--workers", "3", "--num_training_examples", "4000"],
-                     "tf-gpu.", [1, 2], ("NVIDIA_TESLA_T4", 1)),
+    "multi_worker": (["--accelerator", "NVIDIA_TESLA_T4:1", "--workers", "4", "--num_training_examples", "4000"],
+                     "tf-gpu.", [1, 3], ("NVIDIA_TESLA_T4", 1)),
     "tpu": (["--accelerator", "TPU_V3:8"], "tf-tpu.", [1], ("TPU_V3", 8)),
 }
 
@@ -174,6 +174,28 @@ def test_prebuilt_images_match_accelerator_version_and_region():
 def test_jobs_the_trainer_would_reject_are_refused(extra, message):
     with pytest.raises(cloud.CloudJobError, match=message):
         cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *extra], out=io.StringIO())
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    # 3 machines x 1 GPU = 3 replicas: the trainer refuses the default batch of 32 on Vertex AI.
+    ("train", ["--workers", "3"], "batch size [32] does not split over the 3 replicas"),
+    ("tune", ["--workers", "3"], "batch size [16, 32, 64] does not split over the 3 replicas"),
+    ("train", ["--workers", "4", "--batch_size", "30"], "batch size [30] does not split over the 4 replicas"),
+])
+def test_batch_sizes_that_do_not_split_over_the_replicas_are_refused(command, extra, message):
+    argv = [command, *BASE, "--job_dir", "gs://my-bucket/runs/r", "--strategy", "multi_worker",
+            "--accelerator", "NVIDIA_TESLA_T4:1", "--num_training_examples", "4000", *extra]
+    with pytest.raises(cloud.CloudJobError, match=re.escape(message)):
+        cloud.run(argv, out=io.StringIO())
+
+
+def test_a_tuned_batch_size_range_is_refused_on_several_replicas(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  batch_size: {type: integer, min: 16, max: 64}\n")
+    argv = ["tune", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--search_space", str(space),
+            "--strategy", "mirrored", "--accelerator", "NVIDIA_TESLA_T4:2"]
+    with pytest.raises(cloud.CloudJobError, match=re.escape("batch_size is tuned over a range [16, 64], but with 2")):
+        cloud.run(argv, out=io.StringIO())
 
 
 def test_local_paths_are_refused():

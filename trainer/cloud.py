@@ -32,7 +32,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from trainer import vertex_specs
-from trainer.search_space import SearchSpaceError, check_against_trainer, join_flag_values, load_search_space
+from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
+                                  load_search_space)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds setup.py
 
@@ -116,8 +117,10 @@ def image_compatibility_problems(requires_python: str, requires: Sequence[str], 
     return problems
 
 
-def make_trainer_args(ns: argparse.Namespace, trainer_flags: Sequence[str], tuning: bool) -> list[str]:
-    """The trainer's flags for every replica, checked by the trainer's own parser."""
+def make_trainer_args(ns: argparse.Namespace, trainer_flags: Sequence[str], tuning: bool, num_replicas: int = 1,
+                      space: SearchSpace | None = None) -> list[str]:
+    """The trainer's flags for every replica, checked by the trainer's own parser; every batch size
+    the job can run (the fixed one, or each tuned value) must split evenly over num_replicas."""
     from trainer.config import parse_config
 
     for name in ("data", "job_dir"):
@@ -141,6 +144,16 @@ def make_trainer_args(ns: argparse.Namespace, trainer_flags: Sequence[str], tuni
     if ns.strategy == "multi_worker" and config.num_training_examples <= 0:
         raise CloudJobError("multi_worker needs virtual epochs: pass --num_training_examples N (the book: "
                             "workers read whole batches, so an epoch is a step count, not a pass over the files)")
+    tuned = {p.name: p for p in space.parameters} if space else {}
+    batch = tuned.get("batch_size")
+    if batch is not None and not batch.values and num_replicas > 1:
+        raise CloudJobError(f"batch_size is tuned over a range [{batch.min}, {batch.max}], but with {num_replicas} "
+                            f"replicas it must be a multiple of {num_replicas}: list values (`type: discrete`)")
+    sizes = [int(float(v)) for v in batch.values] if batch is not None else [config.batch_size]
+    uneven = [b for b in sizes if b % num_replicas]
+    if uneven:
+        raise CloudJobError(f"batch size {uneven} does not split over the {num_replicas} replicas of strategy "
+                            f"{ns.strategy} (the trainer refuses it on Vertex AI): use multiples of {num_replicas}")
     return args
 
 
@@ -153,7 +166,10 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
     hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, ns.workers)
     image = ns.executor_image or vertex_specs.prebuilt_training_image(hw.image_kind, image_tf_version(ns, hw), ns.region)
     tuning = ns.command == "tune"
-    args = make_trainer_args(ns, trainer_flags, tuning)
+    space = load_search_space(ns.search_space) if tuning else None
+    if space is not None:
+        check_against_trainer(space, trainer_flags)
+    args = make_trainer_args(ns, trainer_flags, tuning, hw.num_replicas, space)
     display_name = ns.display_name or "imagepipe-{}-{}-{}".format(
         ns.command, ns.strategy.replace("_", "-"), datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     spec = vertex_specs.build_custom_job_spec(hw, image, package_uri, args, ns.job_dir)
@@ -164,8 +180,6 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
         command = (f"gcloud ai custom-jobs create {where} --display-name={shlex.quote(display_name)} "
                    f"--config={shlex.quote(config_file)}")
         return job, spec, command
-    space = load_search_space(ns.search_space)
-    check_against_trainer(space, trainer_flags)
     max_trials = ns.max_trials or space.max_trials
     parallel = ns.parallel_trials or space.parallel_trials
     if max_trials <= 0 or parallel <= 0:

@@ -64,6 +64,11 @@ class Hardware:
     workers: int = 1  # machines in total (multi_worker: chief + workers)
 
     @property
+    def num_replicas(self) -> int:
+        """The trainer's replicas in sync: one per GPU or TPU core over all machines; 1 on CPU."""
+        return max(1, self.accelerator_count) * self.workers
+
+    @property
     def image_kind(self) -> str:
         if self.accelerator_type is None:
             return "cpu"

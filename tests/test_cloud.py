@@ -198,6 +198,14 @@ def test_a_tuned_batch_size_range_is_refused_on_several_replicas(tmp_path):
         cloud.run(argv, out=io.StringIO())
 
 
+def test_a_metric_the_trainer_does_not_report_is_refused(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: val_loss\ngoal: minimize\nparameters:\n  l2: {type: double, min: 0.0, max: 0.2}\n")
+    with pytest.raises(cloud.CloudJobError, match="metric 'val_loss': the trainer reports only 'accuracy'"):
+        cloud.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", "--search_space", str(space)],
+                  out=io.StringIO())
+
+
 def test_local_paths_are_refused():
     argv = ["train", *BASE, "--job_dir", "runs/r"]
     with pytest.raises(cloud.CloudJobError, match="--job_dir must be on gs://"):

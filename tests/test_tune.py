@@ -219,6 +219,14 @@ def test_flags_the_trainer_rejects_fail_before_any_trial(tmp_path, fake_trainer)
     assert not (tmp_path / "j").exists()
 
 
+def test_a_metric_the_trainer_does_not_write_fails_before_any_trial(tmp_path, fake_trainer):
+    space = tmp_path / "s.yaml"
+    space.write_text("metric: acuracy\nparameters:\n  l2: {type: double, min: 0.0, max: 0.2}\n")
+    with pytest.raises(tune.TuneError, match="metric 'acuracy': the trainer writes \\['val_accuracy', 'val_loss'\\]"):
+        tune.run(tune_argv(tmp_path / "j", str(space), fake_trainer))
+    assert not (tmp_path / "j").exists()
+
+
 def _start_tuner(job: Path, space: str, module: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainer.tune", *tune_argv(job, space, module, *extra)],
                             cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

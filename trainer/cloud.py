@@ -31,7 +31,7 @@ from typing import Sequence
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from trainer import vertex_specs
+from trainer import hypertune_report, vertex_specs
 from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
                                   load_search_space)
 
@@ -168,6 +168,9 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
     tuning = ns.command == "tune"
     space = load_search_space(ns.search_space) if tuning else None
     if space is not None:
+        if space.metric != hypertune_report.METRIC_TAG:  # no trial would report it, so none would have a result
+            raise CloudJobError(f"metric {space.metric!r}: the trainer reports only {hypertune_report.METRIC_TAG!r} "
+                                f"(validation accuracy) to Vertex AI; set `metric: {hypertune_report.METRIC_TAG}`")
         check_against_trainer(space, trainer_flags)
     args = make_trainer_args(ns, trainer_flags, tuning, hw.num_replicas, space)
     display_name = ns.display_name or "imagepipe-{}-{}-{}".format(

@@ -47,6 +47,9 @@ METRICS_FILE = "metrics.json"  # = trainer.train.METRICS_FILE
 PRUNER_STARTUP_TRIALS = 4  # finished trials before any pruning: a median of fewer is noise
 PRUNER_WARMUP_EPOCHS = 1  # never judge a trial on its first epoch alone
 USAGE_ERROR = 2  # argparse's exit code: the flags are wrong, so every trial would fail the same way
+# What a trial can be judged on: the trainer writes these each epoch (for the pruner) and for the
+# exported weights (metrics.json); `accuracy`, Vertex AI's tag, stands for val_accuracy.
+LOCAL_METRICS = ("val_accuracy", "val_loss")
 
 
 class TuneError(RuntimeError):
@@ -288,6 +291,9 @@ def run(argv: Sequence[str] | None = None) -> optuna.Study:
         raise TuneError(f"--max_trials and --parallel_trials must be positive, got {max_trials}, {parallel}")
     if space.algorithm == "grid":
         max_trials = min(max_trials, space.grid_size())  # a grid has no more points to try
+    if metric_key(space) not in LOCAL_METRICS:  # else every trial trains to the end, then fails
+        raise TuneError(f"metric {space.metric!r}: the trainer writes {list(LOCAL_METRICS)} per epoch and for "
+                        f"the exported weights (`accuracy` stands for val_accuracy), not {metric_key(space)!r}")
     check_against_trainer(space, fixed_flags)
     from trainer.config import parse_config
     try:

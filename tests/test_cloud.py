@@ -206,6 +206,12 @@ def test_a_metric_the_trainer_does_not_report_is_refused(tmp_path):
                   out=io.StringIO())
 
 
+@pytest.mark.parametrize("budget", [["--max_trials", "0"], ["--parallel_trials", "0"], ["--max_failed_trials", "-1"]])
+def test_a_budget_of_zero_is_refused_not_replaced_by_the_spaces(budget):
+    with pytest.raises(cloud.CloudJobError, match="must be positive"):
+        cloud.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", *budget], out=io.StringIO())
+
+
 def test_local_paths_are_refused():
     argv = ["train", *BASE, "--job_dir", "runs/r"]
     with pytest.raises(cloud.CloudJobError, match="--job_dir must be on gs://"):

@@ -183,10 +183,11 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
         command = (f"gcloud ai custom-jobs create {where} --display-name={shlex.quote(display_name)} "
                    f"--config={shlex.quote(config_file)}")
         return job, spec, command
-    max_trials = ns.max_trials or space.max_trials
-    parallel = ns.parallel_trials or space.parallel_trials
-    if max_trials <= 0 or parallel <= 0:
-        raise CloudJobError(f"--max_trials and --parallel_trials must be positive, got {max_trials}, {parallel}")
+    max_trials = ns.max_trials if ns.max_trials is not None else space.max_trials
+    parallel = ns.parallel_trials if ns.parallel_trials is not None else space.parallel_trials
+    if max_trials <= 0 or parallel <= 0 or ns.max_failed_trials < 0:
+        raise CloudJobError(f"--max_trials and --parallel_trials must be positive and --max_failed_trials >= 0, "
+                            f"got {max_trials}, {parallel}, {ns.max_failed_trials}")
     job = vertex_specs.build_tuning_job(display_name, space, spec, max_trials, parallel, ns.max_failed_trials)
     command = (f"gcloud ai hp-tuning-jobs create {where} --display-name={shlex.quote(display_name)} "
                f"--max-trial-count={job.max_trial_count} --parallel-trial-count={job.parallel_trial_count} "

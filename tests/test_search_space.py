@@ -69,6 +69,17 @@ def test_spaces_that_do_not_fit_the_trainer_are_refused(body, fixed, message):
         check_against_trainer(parse_search_space(body), fixed)
 
 
+def test_numbers_in_exponent_form_are_numbers():
+    # YAML 1.1 (PyYAML) reads 1e-4 as the string "1e-4"; 1.0e-4 is a float.
+    space = parse_search_space("parameters:\n  lrate: {type: double, min: 1e-4, max: 1.0e-2, scale: log}\n"
+                               "  l2: {type: discrete, values: [0, 1e-3, 1E-2]}\n")
+    lrate, l2 = space.parameters
+    assert (lrate.min, lrate.max) == (1e-4, 1e-2) and l2.values == (0, 1e-3, 1e-2)
+    check_against_trainer(space)
+    with pytest.raises(SearchSpaceError, match="needs numeric min and max, got '1e-4x'"):
+        parse_search_space("parameters:\n  lrate: {type: double, min: 1e-4x, max: 1.0}\n")
+
+
 def test_trial_flags_are_written_the_way_vertex_passes_them():
     assert to_trial_flags({"l2": 0.1, "batch_size": 32, "with_flip": "true", "lrate": 1e-05}) == \
         ["--l2=0.1", "--batch_size=32", "--with_flip=true", "--lrate=1e-05"]

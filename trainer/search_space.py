@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -52,6 +53,15 @@ parameters:
   with_color_distort: {type: categorical, values: ["true", "false"]}
   crop_ratio: {type: double, min: 0.5, max: 0.8, scale: linear}
 """
+
+
+# PyYAML reads YAML 1.1, where a number in exponent form without a dot (1e-4) is a string.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _number(value: Any) -> Any:
+    """`"1e-4"` as YAML 1.1 leaves it -> 0.0001; anything else unchanged (and checked by the caller)."""
+    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.match(value) else value
 
 
 class SearchSpaceError(ValueError):
@@ -120,7 +130,7 @@ def _parse_parameter(name: str, spec: Any, where: str) -> Parameter:
     if unknown:
         raise SearchSpaceError(f"{where}: parameter {name!r} ({kind}) has unknown keys {unknown}; allowed: {sorted(allowed)}")
     if kind in ("double", "integer"):
-        lo, hi, scale = spec.get("min"), spec.get("max"), spec.get("scale", "linear")
+        lo, hi, scale = _number(spec.get("min")), _number(spec.get("max")), spec.get("scale", "linear")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
             raise SearchSpaceError(f"{where}: parameter {name!r} needs numeric min and max, got {lo!r}, {hi!r}")
         if kind == "integer" and not (float(lo).is_integer() and float(hi).is_integer()):
@@ -135,6 +145,8 @@ def _parse_parameter(name: str, spec: Any, where: str) -> Parameter:
     values = spec.get("values")
     if not isinstance(values, list) or not values:
         raise SearchSpaceError(f"{where}: parameter {name!r} needs a non-empty `values` list, got {values!r}")
+    if kind == "discrete":
+        values = [_number(v) for v in values]
     if len(set(values)) != len(values):
         raise SearchSpaceError(f"{where}: parameter {name!r} repeats values: {values}")
     if kind == "discrete" and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

@@ -89,6 +89,15 @@ def test_every_layout_round_trips_through_sdk_types_and_the_trainer_parser(strat
         assert config.num_training_examples == 4000  # virtual epochs
 
 
+def test_the_gcloud_command_names_a_config_file_that_holds_the_printed_spec(tmp_path):
+    out = io.StringIO()
+    cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r"], out=out)
+    assert "--config names custom_job.yaml: save the spec above there, or pass --spec_file" in out.getvalue()
+    spec_file = tmp_path / "job.yaml"
+    text, gcloud = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--spec_file", str(spec_file)])
+    assert f"--config={spec_file}" in gcloud and spec_file.read_text().strip() == text.strip()
+
+
 def test_tuning_trials_need_vertex_to_name_their_folder(monkeypatch):
     text, _ = dry_run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t1"])
     args = list(vertex_specs.spec_from_yaml(text, aip.HyperparameterTuningJob)

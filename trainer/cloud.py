@@ -161,6 +161,11 @@ def image_tf_version(ns: argparse.Namespace, hw: vertex_specs.Hardware) -> str:
     return ns.tf_version or vertex_specs.PREBUILT_TF_VERSIONS[hw.image_kind][-1]
 
 
+def spec_file_name(ns: argparse.Namespace) -> str:
+    """The file the gcloud command's --config names: --spec_file, or a default the user saves the spec to."""
+    return ns.spec_file or ("hptuning_job.yaml" if ns.command == "tune" else "custom_job.yaml")
+
+
 def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri: str):
     """(the message to submit, the message to print as the gcloud config, the gcloud command)."""
     hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, ns.workers)
@@ -176,7 +181,7 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
     display_name = ns.display_name or "imagepipe-{}-{}-{}".format(
         ns.command, ns.strategy.replace("_", "-"), datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     spec = vertex_specs.build_custom_job_spec(hw, image, package_uri, args, ns.job_dir)
-    config_file = ns.spec_file or ("hptuning_job.yaml" if tuning else "custom_job.yaml")
+    config_file = spec_file_name(ns)
     where = f"--project={shlex.quote(ns.project)} --region={shlex.quote(ns.region)}"
     if not tuning:
         job = vertex_specs.aip.CustomJob(display_name=display_name, job_spec=spec)
@@ -239,8 +244,10 @@ def run(argv: Sequence[str] | None = None, out=sys.stdout, client=None) -> str |
                   f"image that matches, or align setup.py with the image.", file=sys.stderr)
         if ns.dry_run:
             kind = "CustomJobSpec" if ns.command == "train" else "HyperparameterTuningJob"
+            saved = "" if ns.spec_file else \
+                f"; --config names {spec_file_name(ns)}: save the spec above there, or pass --spec_file"
             out.write(f"# {kind} (dry run: nothing submitted)\n{text}\n# Equivalent gcloud command "
-                      f"(after uploading the sdist to {package_uri}):\n{command}\n")
+                      f"(after uploading the sdist to {package_uri}{saved}):\n{command}\n")
             return None
         if problems:
             raise CloudJobError("refusing to submit: " + "; ".join(problems))

@@ -55,19 +55,26 @@ def make_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="CSV of path,label rows, or a folder of class sub-folders")
     p.add_argument("--output", required=True, help="dataset folder (local or gs://)")
-    p.add_argument("--form", choices=schema.FORMS, default=d.form)
+    p.add_argument("--form", choices=schema.FORMS, default=d.form,
+                   help="jpeg: RGB JPEG bytes; pixels: float32 in [0, 1], resized; embeddings: a module's vectors")
     p.add_argument("--labels", default=d.labels, help="file with one class name per line (fixes the order)")
-    p.add_argument("--image_size", type=int, default=d.image_size)
-    p.add_argument("--shard_mb", type=float, default=d.shard_mb)
-    p.add_argument("--min_shards", type=int, default=d.min_shards)
+    p.add_argument("--image_size", type=int, default=d.image_size,
+                   help="side of the square pixels; embeddings: used if the module has no static size")
+    p.add_argument("--shard_mb", type=float, default=d.shard_mb, help="target shard size in MB")
+    p.add_argument("--min_shards", type=int, default=d.min_shards,
+                   help="floor on shards per split, so that each multi-worker reader gets files")
     p.add_argument("--split", type=_split_weights, default=d.split, help="train,valid,test weights")
     p.add_argument("--embedding_module", default=d.embedding_module, help="TF Hub URL or local SavedModel path")
-    p.add_argument("--embedding_batch_size", type=int, default=d.embedding_batch_size)
-    p.add_argument("--max_pixels", type=int, default=d.max_pixels)
-    p.add_argument("--max_file_mb", type=float, default=d.max_file_mb)
-    p.add_argument("--max_reject_fraction", type=float, default=d.max_reject_fraction)
-    p.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--embedding_batch_size", type=int, default=d.embedding_batch_size, help="images per module call")
+    p.add_argument("--max_pixels", type=int, default=d.max_pixels,
+                   help="refuse an image whose header claims more pixels (it is never decoded)")
+    p.add_argument("--max_file_mb", type=float, default=d.max_file_mb, help="refuse larger files without reading them")
+    p.add_argument("--max_reject_fraction", type=float, default=d.max_reject_fraction,
+                   help="fail, publishing nothing, when more of the input is bad")
+    p.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality,
+                   help="for inputs re-encoded as JPEG (PNG, GIF, BMP, grayscale or CMYK JPEG)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous ETL output (a folder holding other files is refused)")
     return p
 
 

@@ -211,6 +211,17 @@ def test_local_paths_are_stored_absolute_for_the_trainer(tmp_path, monkeypatch, 
     assert config.embedding_module == str(tmp_path / "module") and config.input == class_folder_dataset
 
 
+def test_help_shows_every_flags_default():
+    from etl.options import make_arg_parser
+
+    text = make_arg_parser().format_help()
+    flags = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]  # one block per flag, wrapped lines included
+    silent = [f.split()[0] for f in flags if "(default:" not in f and not f.startswith(("-h", "--input", "--output"))]
+    assert not silent, f"--help gives no default for {silent}"
+    words = " ".join(text.split())
+    assert "(default: jpeg)" in words and "(default: 224)" in words
+
+
 def test_header_rows_are_told_from_data_rows_and_a_latin1_line_is_one_reject(tmp_path):
     import gzip
 

@@ -1,6 +1,7 @@
 """Saving state: kill -9 mid-run and rerun the same command -> it resumes; state survives the restart."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,15 @@ def test_flags_accept_hyphenated_job_dir_and_true_false_values(tmp_path):
     config = config_lib.parse_config(["--data", "d", "--job-dir", str(tmp_path), "--with_flip", "false",
                                       "--with_color_distort", "True", "--cache"])
     assert (config.job_dir, config.with_flip, config.with_color_distort, config.cache) == (str(tmp_path), False, True, True)
+
+
+def test_help_shows_every_flags_default():
+    text = config_lib.make_arg_parser().format_help()
+    flags = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]  # one block per flag, wrapped lines included
+    silent = [f.split()[0] for f in flags if "(default:" not in f and not f.startswith(("-h", "--data", "--job_dir"))]
+    assert not silent, f"--help gives no default for {silent}"
+    words = " ".join(text.split())
+    assert "(default: auto)" in words and "(default: 0.001)" in words
 
 
 @pytest.mark.parametrize("strategy, message", [("tpu", "no TPU resolves"), ("multi_worker", "needs TF_CONFIG")])

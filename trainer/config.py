@@ -60,23 +60,35 @@ def make_arg_parser() -> argparse.ArgumentParser:
     # Vertex AI sets AIP_MODEL_DIR; an explicit --job_dir wins.
     p.add_argument("--job_dir", "--job-dir", dest="job_dir", default=os.environ.get("AIP_MODEL_DIR"),
                    required=os.environ.get("AIP_MODEL_DIR") is None, help="run folder; rerunning resumes")
-    p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
-    p.add_argument("--model", choices=MODELS, default=defaults.model)
-    p.add_argument("--batch_size", type=whole_number, default=defaults.batch_size)
-    p.add_argument("--num_epochs", type=whole_number, default=defaults.num_epochs)
-    p.add_argument("--num_training_examples", type=whole_number, default=defaults.num_training_examples)
-    p.add_argument("--lrate", type=float, default=defaults.lrate)
-    p.add_argument("--l1", type=float, default=defaults.l1)
-    p.add_argument("--l2", type=float, default=defaults.l2)
-    p.add_argument("--num_hidden", type=whole_number, default=defaults.num_hidden)
-    p.add_argument("--crop_ratio", type=float, default=defaults.crop_ratio)
-    p.add_argument("--with_flip", type=parse_bool, default=defaults.with_flip)
-    p.add_argument("--with_color_distort", type=parse_bool, default=defaults.with_color_distort)
-    p.add_argument("--patience", type=whole_number, default=defaults.patience)
-    p.add_argument("--hub_handle", default=defaults.hub_handle)
-    p.add_argument("--image_size", type=whole_number, default=defaults.image_size)
-    p.add_argument("--cache", type=parse_bool, nargs="?", const=True, default=defaults.cache)
-    p.add_argument("--seed", type=whole_number, default=defaults.seed)
+    p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
+                   help="auto: TPU if one resolves, else mirrored over GPUs, else one device")
+    p.add_argument("--model", choices=MODELS, default=defaults.model,
+                   help="ignored for the embeddings form, which always gets a dense head")
+    p.add_argument("--batch_size", type=whole_number, default=defaults.batch_size,
+                   help="global batch size, split across replicas")
+    p.add_argument("--num_epochs", type=whole_number, default=defaults.num_epochs,
+                   help="most epochs; early stopping may end sooner")
+    p.add_argument("--num_training_examples", type=whole_number, default=defaults.num_training_examples,
+                   help="a virtual epoch's size; 0 = the sidecar's train count")
+    p.add_argument("--lrate", type=float, default=defaults.lrate, help="Adam learning rate")
+    p.add_argument("--l1", type=float, default=defaults.l1, help="L1 weight regularisation")
+    p.add_argument("--l2", type=float, default=defaults.l2, help="L2 weight regularisation")
+    p.add_argument("--num_hidden", type=whole_number, default=defaults.num_hidden,
+                   help="units of the hidden layer (dnn, mobilenet and embeddings heads)")
+    p.add_argument("--crop_ratio", type=float, default=defaults.crop_ratio,
+                   help="random crop of the model size out of image_size / crop_ratio; 1.0 = no crop")
+    p.add_argument("--with_flip", type=parse_bool, default=defaults.with_flip, help="random horizontal flip")
+    p.add_argument("--with_color_distort", type=parse_bool, default=defaults.with_color_distort,
+                   help="random contrast and brightness per image")
+    p.add_argument("--patience", type=whole_number, default=defaults.patience,
+                   help="epochs without val_accuracy gain before early stopping")
+    p.add_argument("--hub_handle", default=defaults.hub_handle,
+                   help="feature extractor of the mobilenet model: TF Hub URL or local SavedModel path")
+    p.add_argument("--image_size", type=whole_number, default=defaults.image_size,
+                   help="model input size for the jpeg form (pixels, embeddings: the sidecar's)")
+    p.add_argument("--cache", type=parse_bool, nargs="?", const=True, default=defaults.cache,
+                   help="cache parsed records in memory (small datasets only)")
+    p.add_argument("--seed", type=whole_number, default=defaults.seed, help="file order, shuffles, initialisation")
     return p
 
 

@@ -149,6 +149,18 @@ def test_the_grid_titles_each_image_with_its_class_and_probability(test_export, 
         assert picture.format == "PNG"
 
 
+def test_the_grid_keeps_every_title_inside_the_picture(tmp_path):
+    # tight_layout put the titles of 2-5 square images on one row above the figure's top edge.
+    square = make_image_bytes((10, 10, 240), "JPEG", size=(64, 64))
+    for n in (1, 2, 5, 7):
+        results = [predict.FilePrediction(f"{i}.jpg", square, {"class_name": "blue", "probability": 0.5})
+                   for i in range(n)]
+        predict.write_prediction_grid(results, str(tmp_path / "grid.png"))
+        with Image.open(tmp_path / "grid.png") as picture:
+            top_rows = np.asarray(picture.convert("L"))[:2]
+        assert top_rows.min() == 255, f"{n} images: drawn pixels on the top edge (darkest {top_rows.min()}): a title is cut"
+
+
 def test_a_grid_that_cannot_be_written_is_a_usage_error_before_any_prediction(test_export, images, tmp_path, capsys):
     for grid, problem in [(tmp_path / "no_such_folder" / "grid.png", "does not exist"), (tmp_path, "is a folder")]:
         with pytest.raises(SystemExit) as e:

@@ -142,7 +142,8 @@ def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -
         ax.set_title(f"{r.prediction['class_name']} ({r.prediction['probability']:.2f})\n{_short(r.file)}", fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    # bbox_inches: tight_layout alone left the titles of 2-5 square images on one row above the top edge.
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     import tensorflow as tf
 

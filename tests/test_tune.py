@@ -7,6 +7,7 @@ epoch; the last test runs the real trainer for two tiny trials.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -268,6 +269,36 @@ def test_killed_tuner_resumes_the_interrupted_trial_in_its_folder(tmp_path, fake
     assert len(starts) == 2 and starts[1]["resumed_at_epoch"] >= 2  # the trainer picked up where it stopped
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(t.params["batch_size"] for t in complete) == [16, 32, 64]  # budget: 3, none twice
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the death signal is Linux's prctl")
+def test_a_tuner_killed_with_sigkill_leaves_no_trainer_running(tmp_path, fake_trainer, monkeypatch):
+    # SIGKILL cannot be caught, so only the kernel can stop the trainers: before, the orphan trained
+    # on in its trial folder while a resumed tuner started a second trainer there.
+    monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.5")
+    space = write_space(tmp_path / "s.yaml", THREE_BATCH_SIZES)
+    job = tmp_path / "kill9"
+    proc = _start_tuner(job, space, fake_trainer, "--num_epochs", "40", "--parallel_trials", "2")
+    try:
+        _wait_for(lambda: _epochs_logged(job / "trials" / "0") >= 1 and _epochs_logged(job / "trials" / "1") >= 1)
+        pids = [json.loads((job / "trials" / str(n) / "starts.jsonl").read_text().splitlines()[0])["pid"]
+                for n in (0, 1)]
+        assert all(_running(pid) for pid in pids)
+        proc.kill()  # the tuner only
+        proc.wait()
+        _wait_for(lambda: not any(_running(pid) for pid in pids), timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left in the group is what should happen
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_sigterm_stops_trainers_and_exits_130_then_resumes(tmp_path, fake_trainer, monkeypatch):

@@ -19,6 +19,7 @@ the same parameters *and the same trial folder*, so the trainer resumes them fro
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
@@ -50,6 +51,27 @@ USAGE_ERROR = 2  # argparse's exit code: the flags are wrong, so every trial wou
 # What a trial can be judged on: the trainer writes these each epoch (for the pruner) and for the
 # exported weights (metrics.json); `accuracy`, Vertex AI's tag, stands for val_accuracy.
 LOCAL_METRICS = ("val_accuracy", "val_loss")
+
+
+# Linux's prctl, looked up once here: the child calls it between fork and exec, where it should
+# do as little as it can.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent_pid: int):
+    """A preexec_fn for a trainer (Linux; None elsewhere): SIGTERM when the tuner's thread that
+    started it dies. Ctrl-C and SIGTERM already stop trainers; this covers SIGKILL and the OOM
+    killer, after which an orphan kept writing into its trial folder, where the resumed run
+    started a second trainer."""
+    if _PRCTL is None:
+        return None
+
+    def set_death_signal():
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the tuner died before the signal was set
+            os._exit(1)
+    return set_death_signal
 
 
 class TuneError(RuntimeError):
@@ -222,7 +244,8 @@ class TrialRunner:
         cmd = self.command(trial_dir, params)
         trial.set_user_attr("command", cmd[1:])
         with open(trial_dir / TRAINER_LOG, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                    preexec_fn=_dies_with(os.getpid()))
             try:
                 reported = self._watch(trial, proc, trial_dir)
             except BaseException as e:

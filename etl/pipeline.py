@@ -158,10 +158,12 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
         staged = publish.read_staged_results(temp_dir)
         try:
             rejected = publish.check_accounting(staged, config.max_reject_fraction, config.input)
-        except publish.TooManyRejectsError:
-            if not replaced:  # so the user can see why; a previous dataset's own rejects.jsonl stays
-                publish.write_rejects(config.output, staged["rejects"])
-            raise
+        except publish.TooManyRejectsError as e:
+            if replaced or not staged["rejects"]:  # a previous dataset's own rejects.jsonl stays
+                raise
+            publish.write_rejects(config.output, staged["rejects"])  # so the user can see why
+            raise publish.TooManyRejectsError(
+                f"{e}. Every reject, with its reason: {layout.join(config.output, layout.REJECTS_FILE)}") from None
         names = class_names or staged["class_names"] or []
         meta = make_metadata(config, features, module, names, staged, rejected, argv, runner)
         publish.publish(config.output, temp_dir, [s["file"] for s in staged["shards"]], meta.to_json(),

@@ -123,9 +123,10 @@ def test_too_many_rejects_publishes_nothing(tmp_path):
     rows = image_factory.write_class_folders(str(tmp_path / "in"), classes=("a",), per_class=2)
     rows += [(str(tmp_path / f"missing{i}.jpg"), "a") for i in range(3)]
     out = tmp_path / "out"
-    with pytest.raises(publish.TooManyRejectsError, match=r"3 of 5 inputs \(60.0%\).*--max_reject_fraction 0.5"):
+    with pytest.raises(publish.TooManyRejectsError, match=r"3 of 5 inputs \(60.0%\).*--max_reject_fraction 0.5") as e:
         pipeline.run(["--input", image_factory.write_csv(str(tmp_path / "all.csv"), rows), "--output", str(out),
                       "--form", "jpeg", "--max_reject_fraction", "0.5"])
+    assert str(e.value).endswith(f"Every reject, with its reason: {out / layout.REJECTS_FILE}")
     assert sorted(os.listdir(out)) == [layout.REJECTS_FILE], "only the list of rejects, so the user can see why"
     assert len(read_rejects(out)) == 3
 

@@ -291,3 +291,14 @@ def test_metric_is_reported_only_inside_a_vertex_trial(tmp_path, monkeypatch):
     assert [(x["accuracy"], x["global_step"]) for x in lines] == [("0.81", "2"), ("0.87", "3")]
     with pytest.raises(ValueError, match="NaN"):
         hypertune_report.report_metric(float("nan"), 4)
+
+
+def test_workers_is_for_multi_worker_only_and_defaults_to_two_machines():
+    # It used to default to 2 for every strategy, so a typed --workers 8 on mirrored was dropped unseen.
+    with pytest.raises(cloud.CloudJobError, match="--workers 8 is for --strategy multi_worker; mirrored runs on one"):
+        cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *LAYOUTS["mirrored"][0], "--workers", "8",
+                   "--strategy", "mirrored"], out=io.StringIO())
+    text, _ = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--strategy", "multi_worker",
+                       "--accelerator", "NVIDIA_TESLA_T4:1", "--num_training_examples", "4000"])
+    spec = vertex_specs.spec_from_yaml(text, aip.CustomJobSpec)
+    assert [pool.replica_count for pool in spec.worker_pool_specs] == [1, cloud.DEFAULT_WORKERS - 1]

@@ -36,6 +36,7 @@ from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_t
                                   load_search_space)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds setup.py
+DEFAULT_WORKERS = 2  # multi_worker's machines when --workers is not given
 
 
 class CloudJobError(RuntimeError):
@@ -52,7 +53,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
     common.add_argument("--machine", default=None, help="machine type; default n1-standard-4 (CPU), n1-standard-8 (T4, V100, P100, P4), "
                         "the a2/g2/a3 type that holds the GPUs (A100, L4, H100)")
     common.add_argument("--accelerator", default=None, help="TYPE:COUNT per machine, e.g. NVIDIA_TESLA_T4:2, TPU_V3:8")
-    common.add_argument("--workers", type=int, default=2, help="machines in total for multi_worker")
+    common.add_argument("--workers", type=int, default=None,
+                        help=f"machines in total, for multi_worker only (default {DEFAULT_WORKERS})")
     common.add_argument("--tf_version", default=None, help="of the prebuilt image; default: the newest there is")
     common.add_argument("--executor_image", default=None, help="your own training image instead of the prebuilt one")
     common.add_argument("--package_uri", default=None, help="an sdist already on gs:// (skips build and upload)")
@@ -161,6 +163,13 @@ def image_tf_version(ns: argparse.Namespace, hw: vertex_specs.Hardware) -> str:
     return ns.tf_version or vertex_specs.PREBUILT_TF_VERSIONS[hw.image_kind][-1]
 
 
+def machine_count(ns: argparse.Namespace) -> int:
+    """--workers, which only multi_worker takes: elsewhere a typed count would be dropped unseen."""
+    if ns.workers is not None and ns.strategy != "multi_worker":
+        raise CloudJobError(f"--workers {ns.workers} is for --strategy multi_worker; {ns.strategy} runs on one machine")
+    return DEFAULT_WORKERS if ns.workers is None else ns.workers
+
+
 def spec_file_name(ns: argparse.Namespace) -> str:
     """The file the gcloud command's --config names: --spec_file, or a default the user saves the spec to."""
     return ns.spec_file or ("hptuning_job.yaml" if ns.command == "tune" else "custom_job.yaml")
@@ -168,7 +177,7 @@ def spec_file_name(ns: argparse.Namespace) -> str:
 
 def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri: str):
     """(the message to submit, the message to print as the gcloud config, the gcloud command)."""
-    hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, ns.workers)
+    hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, machine_count(ns))
     image = ns.executor_image or vertex_specs.prebuilt_training_image(hw.image_kind, image_tf_version(ns, hw), ns.region)
     tuning = ns.command == "tune"
     space = load_search_space(ns.search_space) if tuning else None
@@ -230,7 +239,7 @@ def run(argv: Sequence[str] | None = None, out=sys.stdout, client=None) -> str |
             package_uri = f"{ns.job_dir.rstrip('/')}/package/{sdist.name}"
         try:
             job, printed, command = build_job(ns, trainer_flags, package_uri)
-            hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, ns.workers)
+            hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, machine_count(ns))
         except (vertex_specs.SpecError, SearchSpaceError) as e:
             raise CloudJobError(str(e)) from e
         if sdist is not None and not ns.executor_image:

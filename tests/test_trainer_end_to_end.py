@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from tests import trainer_fixtures as fx
 from trainer import config as config_lib, export, ingest, train
+from trainer.exported_model import load_exported_model
 
 pytestmark = pytest.mark.slow
 
@@ -160,6 +161,17 @@ def test_embeddings_export_takes_images_with_the_module_inside(form_runs):
     assert list(inputs) == ["image_bytes"] and inputs["image_bytes"].dtype == tf.string
     resolved = json.load(open(os.path.join(config.job_dir, train.CONFIG_FILE)))["resolved"]
     assert resolved["model"] == "embeddings_head" and resolved["embedding_size"] == 32
+
+
+def test_a_bytes_only_copy_of_a_real_export_answers_alike(form_runs, tmp_path):
+    # The embeddings export holds a Keras model and the TF Hub module: both must survive the re-save.
+    config, _ = form_runs["embeddings"]
+    original = os.path.join(config.job_dir, train.EXPORT_DIR)
+    copy_dir = export.write_bytes_only_export(original, str(tmp_path / "bytes_only"))
+    _, _, records = _test_files(config)
+    images = [open(r["uri"], "rb").read() for r in records]
+    assert load_exported_model(copy_dir).predict(images) == load_exported_model(original).predict(images)
+    assert list(tf.saved_model.load(copy_dir).signatures) == ["serving_default"]
 
 
 def test_mobilenet_model_with_a_local_hub_module(tmp_path, small_csv, hub_module):

@@ -8,6 +8,9 @@ embedding module in front of it, so its clients send images too.
 Signatures (both batched, both return the same four outputs):
   serving_default(image_bytes: string [N])  and  predict_filenames(filenames: string [N])
   -> probability float32 [N], class_index int64 [N], class_name string [N], probabilities float32 [N, K]
+
+`write_bytes_only_export` copies an export without `predict_filenames`, for servers that offer
+every signature to every client (TF Serving, Vertex AI endpoints).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import tf_keras as keras
 
 from shared import metadata, preprocess
 
+SERVING_SIGNATURE = "serving_default"
+FILENAMES_SIGNATURE = "predict_filenames"
 CLASS_NAMES_FILE = "class_names.txt"  # one name per line, in class_index order
 DATASET_METADATA_FILE = "dataset_metadata.json"  # the training data's sidecar, verbatim (provenance)
 TRAIN_CONFIG_FILE = "train_config.json"  # how the model was trained, and its metrics
@@ -79,8 +84,8 @@ def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir:
     embedder = load_embedder(meta) if meta.form == "embeddings" else None
     module = ServingModule(model, meta.class_names, serving_image_size(meta, input_size), embedder)
     signatures = {
-        "serving_default": module.predict_bytes.get_concrete_function(),
-        "predict_filenames": module.predict_filenames.get_concrete_function(),
+        SERVING_SIGNATURE: module.predict_bytes.get_concrete_function(),
+        FILENAMES_SIGNATURE: module.predict_filenames.get_concrete_function(),
     }
     tmp_dir = export_dir.rstrip("/") + ".tmp"
     if tf.io.gfile.exists(tmp_dir):
@@ -97,3 +102,40 @@ def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir:
         tf.io.gfile.rmtree(export_dir)
     tf.io.gfile.rename(tmp_dir, export_dir)
     return export_dir
+
+
+def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
+    """Copies the export at `export_dir` to `output_dir` with `serving_default` only, and the files
+    beside it; returns `output_dir`.
+
+    TF Serving and Vertex AI endpoints offer every signature of a SavedModel, so behind them
+    `predict_filenames` lets any client make the server read any path or bucket object it can
+    reach. The copy is checked before it is put in place: its one signature must answer a
+    generated JPEG exactly as the original does. Raises ExportError naming what is wrong.
+    """
+    from trainer.exported_model import ExportError, load_exported_model
+
+    if tf.io.gfile.exists(output_dir):
+        raise ExportError(f"{output_dir} already exists; remove it or choose another output folder")
+    original = load_exported_model(export_dir)  # ExportError unless it has the contract's serving_default
+    loaded = tf.saved_model.load(export_dir)
+    # The functions behind the signatures (predict_bytes, predict_filenames) would be saved again as
+    # functions: not signatures a server runs, but still in the file. The signature keeps its own.
+    for name in [n for n in dir(loaded) if isinstance(getattr(loaded, n, None), tf.types.experimental.GenericFunction)]:
+        delattr(loaded, name)
+    tmp_dir = output_dir.rstrip("/") + ".tmp"
+    if tf.io.gfile.exists(tmp_dir):
+        tf.io.gfile.rmtree(tmp_dir)
+    tf.saved_model.save(loaded, tmp_dir, signatures={SERVING_SIGNATURE: loaded.signatures[SERVING_SIGNATURE]})
+    for name in (CLASS_NAMES_FILE, DATASET_METADATA_FILE, TRAIN_CONFIG_FILE):
+        if tf.io.gfile.exists(os.path.join(export_dir, name)):
+            tf.io.gfile.copy(os.path.join(export_dir, name), os.path.join(tmp_dir, name))
+    copy = load_exported_model(tmp_dir)
+    if set(copy.signatures) != {SERVING_SIGNATURE}:
+        raise ExportError(f"the copy in {tmp_dir} has the signatures {sorted(copy.signatures)}, not only {SERVING_SIGNATURE!r}")
+    probe = [tf.io.encode_jpeg(tf.fill([40, 30, 3], tf.constant(200, tf.uint8))).numpy()]
+    if copy.predict(probe) != original.predict(probe):
+        raise ExportError(f"the copy in {tmp_dir} answers {copy.predict(probe)} where {export_dir} answers "
+                          f"{original.predict(probe)}")
+    tf.io.gfile.rename(tmp_dir, output_dir)
+    return output_dir

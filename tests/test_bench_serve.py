@@ -44,6 +44,15 @@ def test_bench_measures_server_and_in_process_for_each_caller_count(test_export,
     assert results["parse_ms_32_1"] > results["parse_ms_1_1"]
 
 
+def test_a_row_of_slow_calls_still_makes_enough_calls_for_a_rate():
+    import time
+
+    calls, elapsed = bench_serve.time_loop(lambda: time.sleep(0.02), seconds=0.01, min_calls=5)
+    assert calls == 5 and elapsed >= 0.1
+    calls, elapsed = bench_serve.time_loop(lambda: None, seconds=0.05, min_calls=5)
+    assert calls > 5 and elapsed >= 0.05
+
+
 def test_synthetic_images_are_photo_sized_jpegs():
     images = bench_serve.make_synthetic_jpegs(3)
     assert len(set(images)) == 3 and all(i[:3] == b"\xff\xd8\xff" for i in images)

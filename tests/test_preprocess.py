@@ -8,11 +8,12 @@ from shared import preprocess
 from tests.image_factory import encode
 
 
+@pytest.mark.parametrize("seed", [3, 63])  # 63: a 200x10 shrink 3 float32 ulps off, the most seen
 @pytest.mark.parametrize("size,target", [((320, 240), (32, 32)), ((200, 10), (32, 32)), ((17, 9), (32, 48)), ((64, 64), (64, 64))])
-def test_either_resize_order_matches_scaling_first(size, target):
+def test_either_resize_order_matches_scaling_first(size, target, seed):
     # The order is chosen per image for speed (shrinking: no float32 copy at full size); resizing is
     # linear, so the pixels must stay those of convert_image_dtype-then-resize up to float rounding.
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     for encoded in (encode(Image.fromarray(pixels), "JPEG"), encode(Image.fromarray(pixels), "PNG")):
         got = preprocess.preprocess_image(tf.constant(encoded), *target).numpy()
@@ -20,7 +21,7 @@ def test_either_resize_order_matches_scaling_first(size, target):
         want = tf.clip_by_value(tf.image.resize(scaled_first, target, method=preprocess.RESIZE_METHOD,
                                                 antialias=preprocess.RESIZE_ANTIALIAS), 0.0, 1.0).numpy()
         assert got.shape == (*target, 3) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=0, atol=1.2e-7)
+        np.testing.assert_allclose(got, want, rtol=0, atol=preprocess.RESIZE_ORDER_TOLERANCE)
         assert got.min() >= 0.0 and got.max() <= 1.0
 
 

@@ -4,25 +4,11 @@ import os
 
 import pytest
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from tests.image_factory import encode, make_image
 from tests.serving_fixtures import marker_path, write_test_export
 from trainer import bytes_only_export, export
 from trainer.exported_model import ExportError, load_exported_model
-
-
-def op_types(export_dir: str) -> set[str]:
-    """Every op type in the SavedModel's graph and function library."""
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    types = set()
-    for meta_graph in proto.meta_graphs:
-        types |= {node.op for node in meta_graph.graph_def.node}
-        for fn in meta_graph.graph_def.library.function:
-            types |= {node.op for node in fn.node_def}
-    return types
 
 
 @pytest.fixture()
@@ -36,8 +22,8 @@ def original(tmp_path) -> str:
 def test_the_copy_has_serving_default_only_answers_alike_and_cannot_read_files(original, tmp_path):
     copy_dir = str(tmp_path / "run" / "export_bytes_only")
     assert bytes_only_export.run(["--model", original, "--output", copy_dir]) == 0
-    assert "ReadFile" in op_types(original)  # predict_filenames reads client paths in the graph...
-    assert "ReadFile" not in op_types(copy_dir)  # ...and nothing in the copy can
+    assert "ReadFile" in export.saved_model_op_types(original)  # predict_filenames reads client paths in the graph...
+    assert "ReadFile" not in export.saved_model_op_types(copy_dir)  # ...and nothing in the copy can
     loaded = tf.saved_model.load(copy_dir)
     assert list(loaded.signatures) == ["serving_default"]
     assert not [n for n in dir(loaded) if isinstance(getattr(loaded, n), tf.types.experimental.GenericFunction)]
@@ -59,3 +45,21 @@ def test_an_existing_output_or_a_folder_that_is_no_export_is_refused(original, t
     assert bytes_only_export.run(["--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 2
     assert "is not a loadable SavedModel" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_file_reading_function_on_a_nested_object_is_refused(original, tmp_path):
+    # Only the root's functions are deleted; one a nested object holds is saved with the copy.
+    class Reader(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def read(self, paths):
+            return tf.map_fn(tf.io.read_file, paths)
+
+    loaded = tf.saved_model.load(original)
+    loaded.nested = tf.Module()
+    loaded.nested.reader = Reader()
+    nested_export = str(tmp_path / "nested" / "export")
+    tf.saved_model.save(loaded, nested_export, signatures=dict(loaded.signatures))
+    copy_dir = str(tmp_path / "nested" / "export_bytes_only")
+    with pytest.raises(ExportError, match=r"still holds the file ops \['ReadFile'\]"):
+        export.write_bytes_only_export(nested_export, copy_dir)
+    assert not os.path.exists(copy_dir)

@@ -27,6 +27,10 @@ FILENAMES_SIGNATURE = "predict_filenames"
 CLASS_NAMES_FILE = "class_names.txt"  # one name per line, in class_index order
 DATASET_METADATA_FILE = "dataset_metadata.json"  # the training data's sidecar, verbatim (provenance)
 TRAIN_CONFIG_FILE = "train_config.json"  # how the model was trained, and its metrics
+# Ops that read, list or write a path given at run time: none may be left in a bytes-only copy.
+# (SaveV2 and RestoreV2 stay: every SavedModel's checkpoint functions hold them, and no signature calls them.)
+FILE_ACCESS_OPS = frozenset({"ReadFile", "WriteFile", "MatchingFiles", "TFRecordDataset", "TFRecordDatasetV2",
+                             "TextLineDataset", "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2"})
 
 
 class ServingModule(tf.Module):
@@ -104,14 +108,30 @@ def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir:
     return export_dir
 
 
+def saved_model_op_types(export_dir: str) -> set[str]:
+    """Every op type in the SavedModel's graphs and function library (local or gs://)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    types = set()
+    for meta_graph in proto.meta_graphs:
+        types |= {node.op for node in meta_graph.graph_def.node}
+        for fn in meta_graph.graph_def.library.function:
+            types |= {node.op for node in fn.node_def}
+    return types
+
+
 def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
     """Copies the export at `export_dir` to `output_dir` with `serving_default` only, and the files
     beside it; returns `output_dir`.
 
     TF Serving and Vertex AI endpoints offer every signature of a SavedModel, so behind them
     `predict_filenames` lets any client make the server read any path or bucket object it can
-    reach. The copy is checked before it is put in place: its one signature must answer a
-    generated JPEG exactly as the original does. Raises ExportError naming what is wrong.
+    reach. The copy is checked before it is put in place: it holds no op that takes a path
+    (FILE_ACCESS_OPS) and its one signature answers a generated JPEG exactly as the original does.
+    Raises ExportError naming what is wrong.
     """
     from trainer.exported_model import ExportError, load_exported_model
 
@@ -133,6 +153,11 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
     copy = load_exported_model(tmp_dir)
     if set(copy.signatures) != {SERVING_SIGNATURE}:
         raise ExportError(f"the copy in {tmp_dir} has the signatures {sorted(copy.signatures)}, not only {SERVING_SIGNATURE!r}")
+    # Only the root's functions are deleted above; one on a nested object would still be saved.
+    file_ops = sorted(saved_model_op_types(tmp_dir) & FILE_ACCESS_OPS)
+    if file_ops:
+        raise ExportError(f"the copy in {tmp_dir} still holds the file ops {file_ops}, in a function of an object "
+                          f"nested in {export_dir} (a model or embedding module): it is not safe to serve")
     probe = [tf.io.encode_jpeg(tf.fill([40, 30, 3], tf.constant(200, tf.uint8))).numpy()]
     if copy.predict(probe) != original.predict(probe):
         raise ExportError(f"the copy in {tmp_dir} answers {copy.predict(probe)} where {export_dir} answers "

@@ -57,7 +57,8 @@ def resize_image(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
         return tf.clip_by_value(resize(tf.image.convert_image_dtype(image, tf.float32)), 0.0, 1.0)
 
     shape = tf.shape(image)
-    shrinks = shape[-3] * shape[-2] > height * width
+    # int64: a 65535x65535 JPEG has more pixels than int32 holds, and would take the costly order.
+    shrinks = tf.cast(shape[-3], tf.int64) * tf.cast(shape[-2], tf.int64) > height * width
     return tf.cond(shrinks, resize_then_scale, scale_then_resize)
 
 

@@ -21,8 +21,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from shared import metadata, preprocess
+from trainer.exported_model import SERVING_SIGNATURE, ExportError, load_exported_model
 
-SERVING_SIGNATURE = "serving_default"
 FILENAMES_SIGNATURE = "predict_filenames"
 CLASS_NAMES_FILE = "class_names.txt"  # one name per line, in class_index order
 DATASET_METADATA_FILE = "dataset_metadata.json"  # the training data's sidecar, verbatim (provenance)
@@ -133,8 +133,6 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
     (FILE_ACCESS_OPS) and its one signature answers a generated JPEG exactly as the original does.
     Raises ExportError naming what is wrong.
     """
-    from trainer.exported_model import ExportError, load_exported_model
-
     if tf.io.gfile.exists(output_dir):
         raise ExportError(f"{output_dir} already exists; remove it or choose another output folder")
     original = load_exported_model(export_dir)  # ExportError unless it has the contract's serving_default

@@ -157,8 +157,8 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
         raise ExportError(f"the copy in {tmp_dir} still holds the file ops {file_ops}, in a function of an object "
                           f"nested in {export_dir} (a model or embedding module): it is not safe to serve")
     probe = [tf.io.encode_jpeg(tf.fill([40, 30, 3], tf.constant(200, tf.uint8))).numpy()]
-    if copy.predict(probe) != original.predict(probe):
-        raise ExportError(f"the copy in {tmp_dir} answers {copy.predict(probe)} where {export_dir} answers "
-                          f"{original.predict(probe)}")
+    got, want = copy.predict(probe), original.predict(probe)
+    if got != want:
+        raise ExportError(f"the copy in {tmp_dir} answers {got} where {export_dir} answers {want}")
     tf.io.gfile.rename(tmp_dir, output_dir)
     return output_dir

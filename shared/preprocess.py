@@ -21,7 +21,7 @@ DESCRIPTION = {
                "white (shared.image_check.to_tf_decodable)"),
     "dtype": "float32",
     "scaling": ("uint8 * (1/255) -> [0, 1] (as tf.image.convert_image_dtype); after the resize for an image larger "
-                "than the output, before it otherwise (equal to 2 float32 ulps)"),
+                f"than the output, before it otherwise (the two orders agree within {RESIZE_ORDER_TOLERANCE:g})"),
     "resize": {"method": RESIZE_METHOD, "antialias": RESIZE_ANTIALIAS, "preserve_aspect_ratio": False},
 }
 

@@ -157,18 +157,36 @@ def list_class_folders(root: str) -> list[Row]:
     root = root.rstrip("/")
     if "://" not in root:
         root = os.path.abspath(root)  # rows are read later, relative to another folder
-    matches = FileSystems.match([glob.escape(root) + "/*/*"])[0].metadata_list  # a root named "g[1]" is no pattern
+        paths = _list_local_class_files(root)
+    else:
+        matches = FileSystems.match([glob.escape(root) + "/*/*"])[0].metadata_list  # a root named "g[1]" is no pattern
+        paths = [m.path for m in matches]
     rows = []
-    for m in matches:
-        relative = m.path[len(root) + 1:]
+    for path in paths:
+        relative = path[len(root) + 1:]
         parts = relative.split("/")
         if len(parts) != 2 or parts[1].startswith(".") or parts[0].startswith("."):
             continue
-        rows.append(Row(m.path, parts[0], relative))
+        rows.append(Row(path, parts[0], relative))
     rows.sort()
     if not rows:
         raise ValueError(f"{root} has no class sub-folders with files in them (expected {root}/<class>/<image>)")
     return rows
+
+
+def _list_local_class_files(root: str) -> list[str]:
+    """Paths of `root/<class>/<entry>` for every entry that is not a folder, following a class folder
+    that is a symlink. Beam's match walks with os.walk, which does not enter symlinked folders (a
+    class linked in from another disk vanished, no reject), drops broken symlinks (not missing_file
+    rejects) and skips folders it cannot read."""
+    paths = []
+    try:
+        for class_dir in os.scandir(root):
+            if not class_dir.name.startswith(".") and class_dir.is_dir():  # is_dir follows a symlink
+                paths.extend(entry.path for entry in os.scandir(class_dir.path) if not entry.is_dir())
+    except OSError as e:
+        raise ValueError(f"{e.filename}: cannot list it: {e.strerror}") from None
+    return paths
 
 
 def keep_one_of_duplicates(item, known_labels: frozenset[str] | None = None):

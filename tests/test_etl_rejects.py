@@ -267,3 +267,19 @@ def test_a_live_runs_staging_folder_is_not_deleted_under_it(tmp_path, class_fold
         other.wait()
     pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg"])
     assert not staging.exists() and (out / layout.METADATA_FILE).exists()
+
+
+def test_symlinked_class_folders_and_broken_links_are_inputs(tmp_path):
+    """A class folder linked in from elsewhere is a class, and a dangling link a missing_file reject:
+    Beam's match (os.walk) skipped both without a word, so a class could vanish from the dataset."""
+    from etl import inputs
+
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat",), per_class=2)
+    image_factory.write_class_folders(str(tmp_path / "elsewhere"), classes=("dog",), per_class=3)
+    (root / "dog").symlink_to(tmp_path / "elsewhere" / "dog", target_is_directory=True)
+    (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    rows = inputs.list_class_folders(str(root))
+    assert [r.source for r in rows] == ["cat/000.jpg", "cat/001.jpg", "cat/gone.jpg",
+                                        "dog/000.jpg", "dog/001.jpg", "dog/002.jpg"]
+    assert rows[3].uri == str(root / "dog" / "000.jpg") and rows[3].label == "dog"

@@ -146,7 +146,10 @@ def _read_lines(pattern: str) -> list[str]:
     lines = []
     for m in sorted(found, key=lambda m: m.path):
         with FileSystems.open(m.path, compression_type="uncompressed") as f:
-            lines.extend(line for line in f.read().decode("utf-8").splitlines() if line.strip())
+            # WriteToText ends lines with "\n" only; str.splitlines also splits at U+0085 and U+2028,
+            # which json.dumps(ensure_ascii=False) leaves in a file name (a NEL in a rejected file's name
+            # cut its JSON line in two and failed the whole run).
+            lines.extend(line for line in f.read().decode("utf-8").split("\n") if line.strip())
     return lines
 
 

@@ -283,3 +283,18 @@ def test_symlinked_class_folders_and_broken_links_are_inputs(tmp_path):
     assert [r.source for r in rows] == ["cat/000.jpg", "cat/001.jpg", "cat/gone.jpg",
                                         "dog/000.jpg", "dog/001.jpg", "dog/002.jpg"]
     assert rows[3].uri == str(root / "dog" / "000.jpg") and rows[3].label == "dog"
+
+
+def test_a_name_with_a_unicode_line_separator_is_one_reject(tmp_path):
+    """U+0085 (NEL, common in names mis-decoded from cp1252) and U+2028 are line breaks to str.splitlines;
+    a rejected file so named cut its line of the staged rejects in two and failed the run."""
+    root = tmp_path / "in"
+    image_factory.write_class_folders(str(root), classes=("a", "b"), per_class=3)
+    names = ["caf\u0085.jpg", "x\u2028y.jpg"]
+    for name in names:
+        (root / "a" / name).write_text("not a picture")
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    assert sorted((os.path.basename(r["uri"]), r["reason"]) for r in read_rejects(out)) == \
+        sorted((name, "not_an_image") for name in names)
+    assert count_records(out, meta) == 6

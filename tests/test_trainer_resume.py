@@ -183,3 +183,14 @@ def test_a_run_at_chance_is_flagged_and_an_ignored_image_size_is_said(caplog):
     spec = train.resolve_model_spec(config, meta)
     assert (spec.input_size, spec.model_size) == (32, 16)
     assert "--image_size 224 ignored: the pixels form's images are 32 px" in caplog.text
+
+
+def test_a_hub_module_of_another_input_size_is_a_one_line_error(tmp_path, capsys, pixels_dir):
+    # The module takes 32 px; the pixels are 32 px and --crop_ratio 0.5 gives the model 16 px crops.
+    hub_module = fx.write_tiny_hub_module(str(tmp_path / "module"), input_size=32)
+    code = train.main(fx.trainer_argv(pixels_dir, str(tmp_path / "run"), model="mobilenet", hub_handle=hub_module,
+                                      crop_ratio=0.5))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"error: the TF Hub module {hub_module!r} does not take the model's 16 px images" in err
+    assert "--image_size times --crop_ratio" in err

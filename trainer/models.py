@@ -65,7 +65,14 @@ def build_model(spec: ModelSpec) -> keras.Model:
             x = keras.layers.Flatten(name="flatten")(x)
             x = keras.layers.Dense(spec.num_hidden, activation="relu", kernel_regularizer=reg, name="hidden")(x)
         elif spec.kind == "mobilenet":
-            x = load_hub_layer(spec.hub_handle)(x)
+            hub_layer = load_hub_layer(spec.hub_handle)
+            try:
+                x = hub_layer(x)
+            except (TypeError, ValueError) as e:  # a module with a static input size (MobileNet: 224) refuses others
+                raise ValueError(
+                    f"the TF Hub module {spec.hub_handle!r} does not take the model's {spec.model_size} px images "
+                    f"({type(e).__name__}: {str(e)[:300]}); the model's size is --image_size for the jpeg form "
+                    f"(224 for MobileNet) and the ETL's --image_size times --crop_ratio for the pixels form") from None
             x = keras.layers.Dense(spec.num_hidden, activation="relu", kernel_regularizer=reg, name="hidden")(x)
         else:
             raise ValueError(f"unknown model {spec.kind!r}; choose linear, dnn or mobilenet")

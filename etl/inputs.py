@@ -152,20 +152,22 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
 
 
 def list_class_folders(root: str) -> list[Row]:
-    """Rows for `root/<class>/<file>`; files beside the class folders (README, dict.txt) and
-    hidden files (.DS_Store) are not inputs."""
+    """Rows for `root/<class>/<file>`, and for files in folders inside a class folder (`cat/2019/x.jpg`
+    is a cat, as Keras's image_dataset_from_directory reads it); files beside the class folders
+    (README, dict.txt) and hidden files and folders (.DS_Store) are not inputs."""
     root = root.rstrip("/")
     if "://" not in root:
         root = os.path.abspath(root)  # rows are read later, relative to another folder
         paths = _list_local_class_files(root)
     else:
-        matches = FileSystems.match([glob.escape(root) + "/*/*"])[0].metadata_list  # a root named "g[1]" is no pattern
+        matches = FileSystems.match([glob.escape(root) + "/*/**"])[0].metadata_list  # a root named "g[1]" is no pattern
         paths = [m.path for m in matches]
     rows = []
     for path in paths:
         relative = path[len(root) + 1:]
         parts = relative.split("/")
-        if len(parts) != 2 or parts[1].startswith(".") or parts[0].startswith("."):
+        # An empty last part is an object store's folder placeholder ("cat/"), not a file.
+        if len(parts) < 2 or any(part.startswith(".") or not part for part in parts):
             continue
         rows.append(Row(path, parts[0], relative))
     rows.sort()
@@ -175,15 +177,29 @@ def list_class_folders(root: str) -> list[Row]:
 
 
 def _list_local_class_files(root: str) -> list[str]:
-    """Paths of `root/<class>/<entry>` for every entry that is not a folder, following a class folder
-    that is a symlink. Beam's match walks with os.walk, which does not enter symlinked folders (a
-    class linked in from another disk vanished, no reject), drops broken symlinks (not missing_file
-    rejects) and skips folders it cannot read."""
+    """Paths of every entry that is not a folder under `root/<class>/`, at any depth, following
+    symlinked folders (a link back to a folder being listed is not followed again). Beam's match
+    walks with os.walk, which does not enter symlinked folders (a class linked in from another disk
+    vanished, no reject), drops broken symlinks (not missing_file rejects) and skips folders it
+    cannot read."""
     paths = []
+
+    def walk(folder: str, ancestors: frozenset) -> None:
+        real = os.path.realpath(folder)
+        if real in ancestors:
+            return
+        for entry in os.scandir(folder):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows a symlink
+                walk(entry.path, ancestors | {real})
+            else:
+                paths.append(entry.path)
+
     try:
         for class_dir in os.scandir(root):
-            if not class_dir.name.startswith(".") and class_dir.is_dir():  # is_dir follows a symlink
-                paths.extend(entry.path for entry in os.scandir(class_dir.path) if not entry.is_dir())
+            if not class_dir.name.startswith(".") and class_dir.is_dir():
+                walk(class_dir.path, frozenset({os.path.realpath(root)}))
     except OSError as e:
         raise ValueError(f"{e.filename}: cannot list it: {e.strerror}") from None
     return paths

@@ -298,3 +298,18 @@ def test_a_name_with_a_unicode_line_separator_is_one_reject(tmp_path):
     assert sorted((os.path.basename(r["uri"]), r["reason"]) for r in read_rejects(out)) == \
         sorted((name, "not_an_image") for name in names)
     assert count_records(out, meta) == 6
+
+
+def test_images_in_folders_inside_a_class_folder_are_that_class(tmp_path):
+    """`cat/2019/x.jpg` is a cat; only `*/*` was listed, so nested images were neither records nor
+    rejects (and a class held only in such folders vanished). A link back up is not followed twice."""
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat", "dog"), per_class=1)
+    image_factory.write_class_folders(str(root / "cat"), classes=("2019",), per_class=2)
+    image_factory.write_class_folders(str(root / "owl"), classes=("a",), per_class=1)
+    image_factory.write_class_folders(str(root / "owl" / ".thumbs"), classes=("x",), per_class=1)
+    (root / "owl" / "a" / "loop").symlink_to(root / "owl", target_is_directory=True)
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    assert meta.class_names == ("cat", "dog", "owl")
+    assert meta.extra["input"]["num_rows"] == 5 and count_records(out, meta) == 5

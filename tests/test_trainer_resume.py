@@ -194,3 +194,12 @@ def test_a_hub_module_of_another_input_size_is_a_one_line_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"error: the TF Hub module {hub_module!r} does not take the model's 16 px images" in err
     assert "--image_size times --crop_ratio" in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--lrate", "nan"], "--lrate must be a positive number, got nan"),
+                                            (["--lrate", "inf"], "--lrate must be a positive number, got inf"),
+                                            (["--l2", "nan"], "--l1 and --l2 must be numbers >= 0, got 0.0, nan")])
+def test_float_flags_refuse_nan_and_infinity(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--data", "d", "--job_dir", "r", *flags])
+    assert message in capsys.readouterr().err

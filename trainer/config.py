@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from typing import Sequence
 
@@ -122,10 +123,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         problems.append(f"--num_training_examples must be >= 0, got {config.num_training_examples}")
     if not 0.0 < config.crop_ratio <= 1.0:
         problems.append(f"--crop_ratio must be in (0, 1], got {config.crop_ratio}")
-    if config.lrate <= 0:
-        problems.append(f"--lrate must be positive, got {config.lrate}")
-    if config.l1 < 0 or config.l2 < 0:
-        problems.append(f"--l1 and --l2 must be >= 0, got {config.l1}, {config.l2}")
+    # Written so that NaN fails too ("nan" parses as a float, and every comparison with it is false):
+    # --lrate nan trained a whole epoch before its NaN loss stopped the run.
+    if not 0 < config.lrate < math.inf:
+        problems.append(f"--lrate must be a positive number, got {config.lrate}")
+    if not (0 <= config.l1 < math.inf and 0 <= config.l2 < math.inf):
+        problems.append(f"--l1 and --l2 must be numbers >= 0, got {config.l1}, {config.l2}")
     if config.num_hidden <= 0:
         problems.append(f"--num_hidden must be positive, got {config.num_hidden}")
     if config.image_size < 32:

@@ -11,6 +11,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import platform
 import sys
 from typing import Sequence
@@ -131,6 +132,13 @@ def make_metadata(config: EtlConfig, features, module, class_names, staged: dict
                                     describe_preprocessing(config, module), splits, extra)
 
 
+def _lies_under(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it (local paths made absolute; URIs compared as text)."""
+    if "://" not in path and "://" not in folder:
+        path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+
 def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
     """Runs the ETL end to end; returns the published sidecar. Raises with a clear message on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -144,10 +152,17 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
     # The DirectRunner of Beam 2.7x first tries to download its Prism runner (no network here),
     # then falls back to the FnApiRunner; go there directly (it honours --direct_num_workers).
     local_runner = FnApiRunner() if runner in ("DirectRunner", "SwitchingDirectRunner") else None
+    folder_input = inputs.is_folder_input(config.input)
+    if folder_input and _lies_under(config.output, config.input):
+        # Its shards, sidecar and rejects would be listed as images of a class named after the
+        # output folder on the next run (`make etl` always passes --overwrite): a class with no
+        # records, shifting the indices of the classes sorted after it.
+        raise ValueError(f"--output {config.output} lies inside the class-folder --input {config.input}; "
+                         "choose an output folder outside it")
     temp_dir, replaced = publish.prepare_output(config.output, config.overwrite)
     try:
         rows_csv = None
-        if inputs.is_folder_input(config.input):
+        if folder_input:
             folder_rows = inputs.list_class_folders(config.input)
             rows_csv = layout.join(temp_dir, "inputs.csv")
             inputs.write_rows_csv(folder_rows, rows_csv)

@@ -246,3 +246,15 @@ def test_moving_the_data_keeps_every_image_in_its_split(tmp_path, class_folder_d
         there = splits_by_relative_path(str(input_there), str(moved), tmp_path / f"{kind}_there")
         assert here == there, kind
         assert len(here) == 24 and len({split for split, _ in here.values()}) == 3  # all splits in use
+
+
+def test_an_output_inside_a_class_folder_input_is_refused(tmp_path, class_folder_dataset):
+    """images/out would be listed as a class "out" by the next run (`make etl` passes --overwrite):
+    its shards and sidecar became not_an_image rejects and "out" a class with no records."""
+    out = os.path.join(class_folder_dataset, "out")
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match=f"--output {out} lies inside the class-folder --input"):
+            run_etl(class_folder_dataset, out, "--form", "jpeg", *flags)
+        assert not os.path.exists(out)
+    meta = run_etl(class_folder_dataset, tmp_path / "images_out", "--form", "jpeg")  # a name that only starts alike
+    assert meta.class_names == ("cat", "dog", "owl")

@@ -203,3 +203,17 @@ def test_float_flags_refuse_nan_and_infinity(capsys, flags, message):
     with pytest.raises(SystemExit):
         config_lib.parse_config(["--data", "d", "--job_dir", "r", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_rerun_whose_folders_end_in_a_slash_is_the_same_run(tmp_path, pixels_dir):
+    job = tmp_path / "run"
+    (job / train.EXPORT_DIR).mkdir(parents=True)  # what a finished run leaves: export, metrics and config
+    (job / train.EXPORT_DIR / "saved_model.pb").write_bytes(b"")
+    (job / train.METRICS_FILE).write_text(json.dumps({"test_accuracy": 0.9}))
+    old = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
+    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
+    # as shell completion types them
+    new = config_lib.parse_config(fx.trainer_argv(pixels_dir + "/", str(job) + "/"))
+    assert train.train_and_export(new) == {"test_accuracy": 0.9}
+    with pytest.raises(ValueError, match=r"other flags .*'lrate': \(0.01, 0.5\)"):
+        train.train_and_export(config_lib.parse_config(fx.trainer_argv(pixels_dir + "/", str(job) + "/", lrate=0.5)))

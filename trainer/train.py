@@ -92,14 +92,20 @@ def restored_epochs(job_dir: str) -> int:
     return epoch + 1 if batch < 0 else epoch
 
 
+def _comparable_flags(flags: dict) -> dict:
+    """The flags with folder paths' trailing slashes removed: shell completion adds one (`runs/r1/`),
+    and the rerun of `--job_dir runs/r1` with it names the same folders."""
+    return {k: v.rstrip("/") if k in ("data", "job_dir") and isinstance(v, str) else v for k, v in flags.items()}
+
+
 def _refuse_other_flags(config: config_lib.TrainConfig, what: str) -> None:
     """ValueError naming each flag that differs from the run already in job_dir (its config.json)."""
     path = os.path.join(config.job_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return
     with tf.io.gfile.GFile(path) as f:
-        old = json.load(f).get("flags", {})
-    changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(config).items() if old.get(k) != v}
+        old = _comparable_flags(json.load(f).get("flags", {}))
+    changed = {k: (old.get(k), v) for k, v in _comparable_flags(dataclasses.asdict(config)).items() if old.get(k) != v}
     if changed:
         raise ValueError(f"{config.job_dir} holds {what} with other flags (old, new): {changed}; "
                          f"rerun with the same flags, or use another --job_dir")

@@ -243,7 +243,9 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
     # Split keys are relative to the class-folder root for a folder input (its rows CSV sits elsewhere).
     key_root = (os.path.abspath(input_path) if "://" not in input_path else input_path).rstrip("/") if rows_csv else csv_dir
     parsed = (pbegin
-              | "ReadCsvLines" >> beam.io.ReadFromText(csv_path, strip_trailing_newlines=True, coder=beam.coders.BytesCoder())
+              # ReadFromText takes a pattern: "flowers [v2]/all.csv" matched no file and failed the run.
+              | "ReadCsvLines" >> beam.io.ReadFromText(glob.escape(csv_path), strip_trailing_newlines=True,
+                                                       coder=beam.coders.BytesCoder())
               | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root)
               .with_outputs("rejects", main="rows"))
     deduplicated = (parsed.rows

@@ -70,6 +70,11 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
     if output.rstrip("/") == "":
         raise OutputNotEmptyError(f"--output {output!r} is the file system's root; give a folder for the dataset")
     output = output.rstrip("/")
+    if set(output) & set("*?["):
+        # Beam's WriteToText finds its own temporary files by a pattern made from this path; with
+        # "out[1]" it found none and the run failed at the end with a BeamIOError.
+        raise OutputNotEmptyError(f"--output {output} has a glob character (* ? [), which Beam's file writing "
+                                  "reads as a pattern; choose a folder name without them")
     if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
         raise OutputNotEmptyError(f"--output {output} is a file; give a folder (it is created if missing)")
     entries = _list_entries(output)

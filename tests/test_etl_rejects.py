@@ -313,3 +313,16 @@ def test_images_in_folders_inside_a_class_folder_are_that_class(tmp_path):
     meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
     assert meta.class_names == ("cat", "dog", "owl")
     assert meta.extra["input"]["num_rows"] == 5 and count_records(out, meta) == 5
+
+
+def test_glob_characters_in_the_csv_path_and_the_output(tmp_path):
+    """Beam reads and writes by pattern: a CSV in "flowers [v2]/" matched no file and failed the run,
+    and an --output "out[1]" failed at the end with a BeamIOError and a left-over staging folder."""
+    folder = tmp_path / "flowers [v2]"
+    rows = image_factory.write_class_folders(str(folder), classes=("a", "b"), per_class=2)
+    csv_path = image_factory.write_csv(str(folder / "all*.csv"), rows)
+    meta = pipeline.run(["--input", csv_path, "--output", str(tmp_path / "out"), "--form", "jpeg"])
+    assert count_records(tmp_path / "out", meta) == 4
+    with pytest.raises(publish.OutputNotEmptyError, match=re.escape("has a glob character (* ? [)")):
+        pipeline.run(["--input", csv_path, "--output", str(tmp_path / "out[1]"), "--form", "jpeg"])
+    assert not (tmp_path / "out[1]").exists()

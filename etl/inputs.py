@@ -248,7 +248,10 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
                                                        coder=beam.coders.BytesCoder())
               | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root)
               .with_outputs("rejects", main="rows"))
-    deduplicated = (parsed.rows
+    rows = parsed.rows
+    if rows_csv:  # the driver's own CSV line is no input line: a reject's source is the file under the root
+        rows = rows | "SourceIsPathUnderRoot" >> beam.Map(lambda r: r._replace(source=r.key))
+    deduplicated = (rows
                     | "KeyByUri" >> beam.Map(lambda r: (r.uri, r))
                     | "GroupByUri" >> beam.GroupByKey()
                     | "DropDuplicateUris" >> beam.FlatMap(keep_one_of_duplicates,

@@ -326,3 +326,15 @@ def test_glob_characters_in_the_csv_path_and_the_output(tmp_path):
     with pytest.raises(publish.OutputNotEmptyError, match=re.escape("has a glob character (* ? [)")):
         pipeline.run(["--input", csv_path, "--output", str(tmp_path / "out[1]"), "--form", "jpeg"])
     assert not (tmp_path / "out[1]").exists()
+
+
+def test_a_class_folder_reject_names_its_file_under_the_root(tmp_path, class_folder_dataset):
+    """README: `source` is the CSV line as read, or the file's path under the class-folder root; a
+    folder input gave the line of the CSV the driver writes for it ("/abs/path/cat/x.jpg,cat")."""
+    with open(os.path.join(class_folder_dataset, "cat", "notes, v2.jpg"), "w") as f:
+        f.write("not a picture")
+    out = tmp_path / "out"
+    pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg"])
+    [reject] = read_rejects(out)
+    assert (reject["source"], reject["reason"]) == ("cat/notes, v2.jpg", "not_an_image")
+    assert reject["uri"] == os.path.join(class_folder_dataset, "cat", "notes, v2.jpg")

@@ -217,3 +217,18 @@ def test_a_rerun_whose_folders_end_in_a_slash_is_the_same_run(tmp_path, pixels_d
     assert train.train_and_export(new) == {"test_accuracy": 0.9}
     with pytest.raises(ValueError, match=r"other flags .*'lrate': \(0.01, 0.5\)"):
         train.train_and_export(config_lib.parse_config(fx.trainer_argv(pixels_dir + "/", str(job) + "/", lrate=0.5)))
+
+
+def test_an_embedding_module_that_does_not_load_stops_the_run_before_training(tmp_path, capsys):
+    module = fx.write_tiny_hub_module(str(tmp_path / "module"), input_size=32)
+    images = fx.make_image_files(str(tmp_path / "images"), per_class=5)
+    data = str(tmp_path / "embeddings")
+    fx.write_dataset(data, images, "embeddings", module_handle=module)
+    os.rename(module, str(tmp_path / "moved"))  # as a relative path from another folder, or a URL offline
+    job = tmp_path / "run"
+    code = train.main(fx.trainer_argv(data, str(job)))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"cannot load the TF Hub module {module!r}" in err and "the sidecar's preprocessing.module" in err
+    assert "--hub_handle" not in err  # the mobilenet model's flag: a trained run refuses it, and it is not used
+    assert not (job / train.TRAINED_FILE).exists() and not (job / callbacks.EPOCH_LOG_FILE).exists()

@@ -79,7 +79,11 @@ def load_embedder(meta: metadata.DatasetMetadata):
     handle = meta.preprocessing.get("module")
     if not handle:
         raise metadata.DatasetError(f"the embeddings sidecar has no preprocessing.module: {dict(meta.preprocessing)}")
-    return models.load_hub_layer(handle, name="embedding_module")
+    # --hub_handle is the mobilenet model's, and a run folder refuses a changed flag: it cannot help here.
+    return models.load_hub_layer(handle, name="embedding_module", advice=(
+        "the export puts the module the ETL used (the sidecar's preprocessing.module) in front of the model, so it "
+        "must load where the trainer runs: a relative path is taken from the current folder, so run from the folder "
+        "the ETL ran in, or re-run the ETL with an --embedding_module this machine can load"))
 
 
 def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir: str, *, input_size: int | None,

@@ -36,15 +36,16 @@ def _regularizer(spec: ModelSpec):
     return keras.regularizers.L1L2(l1=spec.l1, l2=spec.l2) if (spec.l1 or spec.l2) else None
 
 
-def load_hub_layer(handle: str, name: str = "hub_feature_extractor"):
-    """A frozen `hub.KerasLayer`; a handle that does not load is an error that says what to pass offline."""
+def load_hub_layer(handle: str, name: str = "hub_feature_extractor",
+                   advice: str = "without network access pass a local SavedModel path with --hub_handle"):
+    """A frozen `hub.KerasLayer`; a handle that does not load is a ValueError that ends with `advice`."""
     import tensorflow_hub as hub
 
     try:
         return hub.KerasLayer(handle, trainable=False, name=name)
     except Exception as e:
         raise ValueError(f"cannot load the TF Hub module {handle!r} ({type(e).__name__}: {str(e)[:300]}); "
-                         "without network access pass a local SavedModel path with --hub_handle") from None
+                         f"{advice}") from None
 
 
 def build_model(spec: ModelSpec) -> keras.Model:

@@ -183,6 +183,10 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
 
     meta = ingest.load_dataset_metadata(config.data)
     spec = resolve_model_spec(config, meta)
+    if meta.form == "embeddings":
+        # The export puts the ETL's module in front of the model: find out now that it does not load
+        # (a URL offline, a path relative to another folder), not after training.
+        export.load_embedder(meta)
     if config.batch_size % placement.num_replicas:
         raise ValueError(f"Batch size ({config.batch_size}) must be divisible by the number of replicas "
                          f"({placement.num_replicas}) of strategy {placement.name}")

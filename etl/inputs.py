@@ -238,7 +238,9 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
     """PBegin -> {'rows': Row, 'rejects': dict, 'num_rows': int}. `rows_csv` (a CSV the driver wrote for a folder
     input) is read instead of `input_path` when given; `class_names` (the labels file) settles duplicates."""
     csv_path = rows_csv or input_path
-    header = detect_header(csv_path)
+    # The driver's CSV of a folder input has no header; guessing could take a first file that no
+    # longer exists (a dangling link "cat/0") for one, and drop it without a reject.
+    header = None if rows_csv else detect_header(csv_path)
     csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
     # Split keys are relative to the class-folder root for a folder input (its rows CSV sits elsewhere).
     key_root = (os.path.abspath(input_path) if "://" not in input_path else input_path).rstrip("/") if rows_csv else csv_dir

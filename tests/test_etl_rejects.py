@@ -338,3 +338,13 @@ def test_a_class_folder_reject_names_its_file_under_the_root(tmp_path, class_fol
     [reject] = read_rejects(out)
     assert (reject["source"], reject["reason"]) == ("cat/notes, v2.jpg", "not_an_image")
     assert reject["uri"] == os.path.join(class_folder_dataset, "cat", "notes, v2.jpg")
+
+
+def test_a_dangling_link_first_in_a_class_folder_input_is_a_reject_not_a_header(tmp_path):
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat", "dog"), per_class=2)
+    (root / "cat" / "0").symlink_to(tmp_path / "nowhere")  # sorts first; no extension, as a header's path
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    assert [(r["source"], r["reason"]) for r in read_rejects(out)] == [("cat/0", "missing_file")]
+    assert meta.extra["input"]["num_rows"] == 5

@@ -128,7 +128,7 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
             shown = raw.decode("utf-8", errors="replace")
             yield beam.pvalue.TaggedOutput("rejects", make_reject(
                 "", "", "malformed_row", f"the line is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at {e.start}); "
-                                         f"save the CSV as UTF-8", shown))
+                                         f"save the CSV as UTF-8 (in a class folder: rename the file)", shown))
             return
     line = raw.lstrip("\ufeff").rstrip("\r\n")
     if not line.strip():
@@ -273,4 +273,6 @@ def write_rows_csv(rows: list[Row], path: str) -> None:
     for r in rows:
         writer.writerow([r.uri, r.label])
     with FileSystems.create(path, mime_type="text/csv", compression_type="uncompressed") as f:
-        f.write(out.getvalue().encode("utf-8"))
+        # A file name that is not UTF-8 (b"caf\xe9.jpg", read as "caf\udce9.jpg") keeps its bytes, so that
+        # its line is one malformed_row reject; encoding it strictly failed the whole run, naming no file.
+        f.write(out.getvalue().encode("utf-8", errors="surrogateescape"))

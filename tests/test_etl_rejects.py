@@ -348,3 +348,17 @@ def test_a_dangling_link_first_in_a_class_folder_input_is_a_reject_not_a_header(
     meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
     assert [(r["source"], r["reason"]) for r in read_rejects(out)] == [("cat/0", "missing_file")]
     assert meta.extra["input"]["num_rows"] == 5
+
+
+def test_a_file_name_that_is_not_utf8_in_a_class_folder_is_one_reject(tmp_path):
+    """b"caf\\xe9.jpg" (a Latin-1 name from an old archive) failed the whole run with "'utf-8' codec can't
+    encode character '\\udce9'", naming no file; as a CSV line that is not UTF-8, it is one malformed_row."""
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat", "dog"), per_class=2)
+    with open(os.path.join(os.fsencode(root), b"cat", b"caf\xe9.jpg"), "wb") as f:
+        f.write(image_factory.encode(image_factory.make_image(0, 5)))
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    [reject] = read_rejects(out)
+    assert reject["reason"] == "malformed_row" and "not UTF-8 (byte b'\\xe9'" in reject["detail"]
+    assert count_records(out, meta) == 4 and meta.extra["input"]["num_rows"] == 5

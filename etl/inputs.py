@@ -86,13 +86,18 @@ def _parse_fields(line: str) -> list[str] | None:
 
 
 def detect_header(csv_path: str) -> list[str] | None:
-    """The first line's fields if it is a header row (`path,label`, `image,class`, `filepath,species`).
+    """The first non-blank line's fields if it is a header row (`path,label`, `image,class`, `filepath,species`).
 
     A header names its columns: a known path or label column name, or a first field with no file
     extension. Never a row whose first field is a file that exists: `x.jpg,category` is an image
     of the class "category", not a header. Read decompressed (`rows.csv.gz`), as Beam reads it."""
     with FileSystems.open(csv_path) as f:  # AUTO: decompressed by extension, like ReadFromText
         first = f.readline().decode("utf-8-sig", errors="replace").strip()
+        while not first:  # blank lines are no rows: a header after one became a row and a class "label"
+            line = f.readline()
+            if not line:
+                break
+            first = line.decode("utf-8", errors="replace").strip()
     fields = _parse_fields(first)
     if not fields or len(fields) < 2:
         return None

@@ -362,3 +362,15 @@ def test_a_file_name_that_is_not_utf8_in_a_class_folder_is_one_reject(tmp_path):
     [reject] = read_rejects(out)
     assert reject["reason"] == "malformed_row" and "not UTF-8 (byte b'\\xe9'" in reject["detail"]
     assert count_records(out, meta) == 4 and meta.extra["input"]["num_rows"] == 5
+
+
+def test_a_header_after_blank_lines_is_still_a_header(tmp_path):
+    """Only the first line was looked at: after a blank one, "path,label" became a missing_file row
+    and "label" a class of the dataset (one more output unit, and indices shifted)."""
+    rows = image_factory.write_class_folders(str(tmp_path / "in"), classes=("cat", "dog"), per_class=2)
+    text = "\r\n  \r\npath,label\r\n" + "".join(f"{path},{label}\r\n" for path, label in rows)
+    (tmp_path / "rows.csv").write_text(text, newline="")
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(tmp_path / "rows.csv"), "--output", str(out), "--form", "jpeg"])
+    assert meta.class_names == ("cat", "dog") and read_rejects(out) == []
+    assert meta.extra["input"]["num_rows"] == 4

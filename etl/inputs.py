@@ -123,9 +123,12 @@ def resolve_path(path: str, csv_dir: str) -> str:
     return posixpath.normpath(posixpath.join(csv_dir, path))
 
 
-def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key_root: str | None = None):
+def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key_root: str | None = None,
+                   exact_paths: bool = False):
     """One CSV line (bytes, as read) -> a Row, a reject dict, or nothing (blank line, header).
-    A line that is not UTF-8 is a malformed_row reject, not the end of the job."""
+    A line that is not UTF-8 is a malformed_row reject, not the end of the job. Spaces around a
+    path are dropped unless `exact_paths` (the driver's CSV of a folder input, whose paths are
+    file names as listed: "cat/1.jpg " became a missing_file reject for "cat/1.jpg")."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -147,7 +150,7 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
             "", "", "malformed_row", f"expected 2 fields (path,label), got {count}; quote a path that has a comma",
             line))
         return
-    path, label = fields[0].strip(), fields[1].strip()
+    path, label = (fields[0] if exact_paths else fields[0].strip()), fields[1].strip()
     if not path or not label:
         yield beam.pvalue.TaggedOutput("rejects", make_reject(
             path, label, "malformed_row", "empty path or label", line))
@@ -253,7 +256,7 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
               # ReadFromText takes a pattern: "flowers [v2]/all.csv" matched no file and failed the run.
               | "ReadCsvLines" >> beam.io.ReadFromText(glob.escape(csv_path), strip_trailing_newlines=True,
                                                        coder=beam.coders.BytesCoder())
-              | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root)
+              | "ParseCsvLines" >> beam.FlatMap(parse_csv_line, csv_dir, header, key_root, exact_paths=bool(rows_csv))
               .with_outputs("rejects", main="rows"))
     rows = parsed.rows
     if rows_csv:  # the driver's own CSV line is no input line: a reject's source is the file under the root

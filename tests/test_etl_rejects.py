@@ -374,3 +374,17 @@ def test_a_header_after_blank_lines_is_still_a_header(tmp_path):
     meta = pipeline.run(["--input", str(tmp_path / "rows.csv"), "--output", str(out), "--form", "jpeg"])
     assert meta.class_names == ("cat", "dog") and read_rejects(out) == []
     assert meta.extra["input"]["num_rows"] == 4
+
+
+def test_a_class_folder_file_name_ending_in_a_space_is_read_as_named(tmp_path):
+    """The driver's CSV line for "cat/000.jpg " was stripped like a hand-written one: the file became
+    "cat/000.jpg", a duplicate of another image (or a missing_file reject when there is none)."""
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat", "dog"), per_class=1)
+    image_factory.make_image(0, 99).save(root / "cat" / "000.jpg ", format="JPEG")
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    assert read_rejects(out) == []
+    uris = {schema.decode_example(meta.features, r.numpy())["uri"]
+            for s in layout.SPLITS for p in meta.shard_paths(str(out), s) for r in tf.data.TFRecordDataset(p)}
+    assert uris == {str(root / "cat" / "000.jpg"), str(root / "cat" / "000.jpg "), str(root / "dog" / "000.jpg")}

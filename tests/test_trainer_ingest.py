@@ -216,3 +216,10 @@ def test_a_job_dir_that_is_a_file_is_a_one_line_error(tmp_path, pixels_dir, caps
     (tmp_path / "run").write_text("not a folder")
     assert train.main(fx.trainer_argv(pixels_dir, str(tmp_path / "run"))) == 1
     assert f"--job_dir {tmp_path / 'run'} is a file" in capsys.readouterr().err
+
+
+def test_a_job_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, pixels_dir, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    job = tmp_path / "file" / "run"
+    assert train.main(fx.trainer_argv(pixels_dir, str(job))) == 1
+    assert f"error: --job_dir {job} cannot be written (FailedPreconditionError: " in capsys.readouterr().err

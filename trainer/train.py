@@ -118,9 +118,13 @@ def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: b
         _refuse_other_flags(config, "an interrupted run")
     if not is_chief:
         return
-    tf.io.gfile.makedirs(config.job_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(json.dumps({"flags": dataclasses.asdict(config), "resolved": resolved}, indent=2) + "\n")
+    try:
+        tf.io.gfile.makedirs(config.job_dir)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(json.dumps({"flags": dataclasses.asdict(config), "resolved": resolved}, indent=2) + "\n")
+    except tf.errors.OpError as e:  # a path under a file, a read-only folder, a bucket without write access
+        raise ValueError(f"--job_dir {config.job_dir} cannot be written ({type(e).__name__}: {e.message}); "
+                         f"give a folder this process can create and write") from None
     log_path = os.path.join(config.job_dir, callbacks.EPOCH_LOG_FILE)
     if not resuming and tf.io.gfile.exists(log_path):
         tf.io.gfile.remove(log_path)  # a previous run that finished training but not its export

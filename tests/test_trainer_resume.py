@@ -232,3 +232,23 @@ def test_an_embedding_module_that_does_not_load_stops_the_run_before_training(tm
     assert f"cannot load the TF Hub module {module!r}" in err and "the sidecar's preprocessing.module" in err
     assert "--hub_handle" not in err  # the mobilenet model's flag: a trained run refuses it, and it is not used
     assert not (job / train.TRAINED_FILE).exists() and not (job / callbacks.EPOCH_LOG_FILE).exists()
+
+
+def test_config_json_is_never_seen_half_written_while_the_chief_rewrites_it(tmp_path, pixels_dir, monkeypatch):
+    # A resuming chief rewrites config.json while the other workers read it to compare flags; a torn
+    # read is a JSON error on that worker (and the chief then waits for it forever).
+    job = tmp_path / "run"
+    job.mkdir()
+    config = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
+    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(config.to_json()), "resolved": {"old": 1}}))
+    seen = []
+
+    class ReadDuringWrite(tf.io.gfile.GFile):
+        def write(self, data):
+            super().write(data)
+            seen.append((job / train.CONFIG_FILE).read_text())  # what another worker would read now
+
+    monkeypatch.setattr(tf.io.gfile, "GFile", ReadDuringWrite)
+    train._prepare_job_dir(config, {"new": 2}, resuming=True, is_chief=True)
+    assert seen and all(json.loads(text)["resolved"] == {"old": 1} for text in seen), seen
+    assert json.loads((job / train.CONFIG_FILE).read_text())["resolved"] == {"new": 2}

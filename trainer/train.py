@@ -120,8 +120,11 @@ def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: b
         return
     try:
         tf.io.gfile.makedirs(config.job_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
+        # Renamed into place: a resuming chief rewrites it while the other workers read it, and a
+        # truncated config.json (a torn read, or a kill mid-write) is a JSON error on every rerun.
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
             f.write(json.dumps({"flags": dataclasses.asdict(config), "resolved": resolved}, indent=2) + "\n")
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     except tf.errors.OpError as e:  # a path under a file, a read-only folder, a bucket without write access
         raise ValueError(f"--job_dir {config.job_dir} cannot be written ({type(e).__name__}: {e.message}); "
                          f"give a folder this process can create and write") from None

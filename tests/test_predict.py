@@ -168,3 +168,10 @@ def test_a_grid_that_cannot_be_written_is_a_usage_error_before_any_prediction(te
         assert e.value.code == 2
         out, err = capsys.readouterr()
         assert out == "" and problem in err
+
+
+def test_a_dollar_sign_in_a_file_or_class_name_is_drawn_as_text(tmp_path):
+    # matplotlib reads text between two '$' as a formula: 'a$_$b.jpg' failed the whole grid.
+    square = make_image_bytes((10, 10, 240), "JPEG", size=(64, 64))
+    results = [predict.FilePrediction("a$_$b.jpg", square, {"class_name": "$\\x$", "probability": 0.5})]
+    assert predict.write_prediction_grid(results, str(tmp_path / "grid.png")) == 1

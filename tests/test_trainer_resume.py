@@ -252,3 +252,12 @@ def test_config_json_is_never_seen_half_written_while_the_chief_rewrites_it(tmp_
     train._prepare_job_dir(config, {"new": 2}, resuming=True, is_chief=True)
     assert seen and all(json.loads(text)["resolved"] == {"old": 1} for text in seen), seen
     assert json.loads((job / train.CONFIG_FILE).read_text())["resolved"] == {"new": 2}
+
+
+def test_the_training_curves_take_a_data_folder_named_with_dollar_signs(tmp_path):
+    # The title holds the --data folder's name; as mathtext, 'px$_$1' failed every rerun after training.
+    from trainer import plots
+
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
+    plots.plot_training_curves(history, str(tmp_path / "curves.png"), title="dnn on pixels (px$_$1)")
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -20,7 +20,7 @@ def plot_training_curves(history: dict[str, list[float]], path: str, title: str 
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, parse_math=False)  # the data folder's name: a '$' in it would start a mathtext formula
     fig.tight_layout()
     import tensorflow as tf  # gfile: the job folder may be gs://
 

@@ -139,7 +139,9 @@ def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -
         image = Image.open(io.BytesIO(r.image)).convert("RGB")
         image.thumbnail((512, 512))
         ax.imshow(image)
-        ax.set_title(f"{r.prediction['class_name']} ({r.prediction['probability']:.2f})\n{_short(r.file)}", fontsize=9)
+        # parse_math=False: a '$' in a file or class name would start a mathtext formula ('a$_$b.jpg' failed the grid)
+        ax.set_title(f"{r.prediction['class_name']} ({r.prediction['probability']:.2f})\n{_short(r.file)}", fontsize=9,
+                     parse_math=False)
     fig.tight_layout()
     png = io.BytesIO()
     # bbox_inches: tight_layout alone left the titles of 2-5 square images on one row above the top edge.

@@ -261,3 +261,10 @@ def test_the_training_curves_take_a_data_folder_named_with_dollar_signs(tmp_path
     history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
     plots.plot_training_curves(history, str(tmp_path / "curves.png"), title="dnn on pixels (px$_$1)")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_job_dir_that_tensorflow_would_read_as_a_glob_pattern_is_refused(capsys):
+    # runs/lr[1] trained, then failed to find runs/lr[1]/checkpoints/best; a rerun lost the epoch log.
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--data", "d", "--job_dir", "runs/lr[1]"])
+    assert "--job_dir 'runs/lr[1]' holds '[': TensorFlow reads checkpoint paths as glob patterns" in capsys.readouterr().err

@@ -137,6 +137,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         problems.append(f"--patience must be >= 0, got {config.patience}")
     if not 0 <= config.seed < 2**32:
         problems.append(f"--seed must be in [0, 2**32), got {config.seed}")
+    # tf.train.latest_checkpoint and the checkpoint reader match the path as a glob pattern: '*' and '?'
+    # match themselves, but '[1]' is a character class, so 'runs/lr[1]' trained, then failed with
+    # 'Failed to find any matching files for runs/lr[1]/checkpoints/best'.
+    if "[" in config.job_dir:
+        problems.append(f"--job_dir {config.job_dir!r} holds '[': TensorFlow reads checkpoint paths as glob patterns, "
+                        f"so the run would train and then not find its checkpoints; choose a name without '['")
     if problems:
         parser.error("; ".join(problems))
     return config

@@ -175,3 +175,16 @@ def test_a_dollar_sign_in_a_file_or_class_name_is_drawn_as_text(tmp_path):
     square = make_image_bytes((10, 10, 240), "JPEG", size=(64, 64))
     results = [predict.FilePrediction("a$_$b.jpg", square, {"class_name": "$\\x$", "probability": 0.5})]
     assert predict.write_prediction_grid(results, str(tmp_path / "grid.png")) == 1
+
+
+def test_a_grid_that_fails_to_write_is_not_counted_as_a_failed_image(test_export, images, tmp_path, capsys,
+                                                                     monkeypatch):
+    def disk_full(results, path):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(predict, "write_prediction_grid", disk_full)
+    good = [p for p in images if os.path.basename(p) in GOOD]
+    assert predict.run(["--model", test_export, "--grid", str(tmp_path / "grid.png"), *good]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the grid" in err and "No space left on device" in err
+    assert "images failed" not in err  # every image was predicted

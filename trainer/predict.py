@@ -210,6 +210,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         predicted += r.prediction is not None
         if args.grid and r.prediction is not None and len(for_grid) < GRID_MAX_IMAGES:
             for_grid.append(r)
+    grid_failed = False  # an error of its own: the images' count stays the images'
     if args.grid:
         try:
             shown = write_prediction_grid(for_grid, args.grid)
@@ -217,13 +218,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.grid}{note}", file=sys.stderr)
         except ValueError as e:
             print(f"error: no grid: {e}", file=sys.stderr)
-            failed = failed or 1
+            grid_failed = True
         except (OSError, tf.errors.OpError) as e:
             print(f"error: cannot write the grid to {args.grid}: {getattr(e, 'message', None) or e}", file=sys.stderr)
-            failed = failed or 1
+            grid_failed = True
     if failed:
         print(f"{failed} of {total} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or grid_failed else 0
 
 
 if __name__ == "__main__":

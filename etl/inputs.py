@@ -134,6 +134,9 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             shown = raw.decode("utf-8", errors="replace")
+            if exact_paths and key_root:  # the driver's line: name the file under the root, as other rejects do
+                fields = _parse_fields(shown.rstrip("\r\n"))
+                shown = split_key(fields[0], key_root) if fields else shown
             yield beam.pvalue.TaggedOutput("rejects", make_reject(
                 "", "", "malformed_row", f"the line is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at {e.start}); "
                                          f"save the CSV as UTF-8 (in a class folder: rename the file)", shown))

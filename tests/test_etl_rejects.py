@@ -362,6 +362,7 @@ def test_a_file_name_that_is_not_utf8_in_a_class_folder_is_one_reject(tmp_path):
     [reject] = read_rejects(out)
     assert reject["reason"] == "malformed_row" and "not UTF-8 (byte b'\\xe9'" in reject["detail"]
     assert count_records(out, meta) == 4 and meta.extra["input"]["num_rows"] == 5
+    assert reject["source"] == "cat/caf\ufffd.jpg"  # the file under the root, as for every folder-input reject
 
 
 def test_a_header_after_blank_lines_is_still_a_header(tmp_path):

@@ -5,6 +5,7 @@ Paths go through Beam's FileSystems, so local paths and gs:// work alike.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import os
@@ -195,6 +196,14 @@ def _list_local_class_files(root: str) -> list[str]:
     cannot read."""
     paths = []
 
+    def is_folder(entry: os.DirEntry) -> bool:  # follows a symlink
+        try:
+            return entry.is_dir()
+        except OSError as e:
+            if e.errno != errno.ELOOP:  # a folder it cannot read ends the run, as below
+                raise
+            return False  # a link in a loop ("x.jpg -> x.jpg"): broken, as a dangling link is
+
     def walk(folder: str, ancestors: frozenset) -> None:
         real = os.path.realpath(folder)
         if real in ancestors:
@@ -202,14 +211,14 @@ def _list_local_class_files(root: str) -> list[str]:
         for entry in os.scandir(folder):
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # follows a symlink
+            if is_folder(entry):
                 walk(entry.path, ancestors | {real})
             else:
                 paths.append(entry.path)
 
     try:
         for class_dir in os.scandir(root):
-            if not class_dir.name.startswith(".") and class_dir.is_dir():
+            if not class_dir.name.startswith(".") and is_folder(class_dir):
                 walk(class_dir.path, frozenset({os.path.realpath(root)}))
     except OSError as e:
         raise ValueError(f"{e.filename}: cannot list it: {e.strerror}") from None

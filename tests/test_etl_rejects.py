@@ -389,3 +389,16 @@ def test_a_class_folder_file_name_ending_in_a_space_is_read_as_named(tmp_path):
     uris = {schema.decode_example(meta.features, r.numpy())["uri"]
             for s in layout.SPLITS for p in meta.shard_paths(str(out), s) for r in tf.data.TFRecordDataset(p)}
     assert uris == {str(root / "cat" / "000.jpg"), str(root / "cat" / "000.jpg "), str(root / "dog" / "000.jpg")}
+
+
+def test_a_link_in_a_loop_in_a_class_folder_is_one_reject(tmp_path):
+    """A link to itself ("cat/x.jpg -> x.jpg") raised ELOOP while the driver listed the folders: the
+    whole run failed with "cannot list it", where a dangling link is one missing_file reject."""
+    root = tmp_path / "images"
+    image_factory.write_class_folders(str(root), classes=("cat", "dog"), per_class=2)
+    (root / "cat" / "x.jpg").symlink_to("x.jpg")
+    (root / "loop").symlink_to("loop")  # beside the class folders, like a dangling link there: not a class
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
+    assert [r["source"] for r in read_rejects(out)] == ["cat/x.jpg"]
+    assert meta.class_names == ("cat", "dog") and count_records(out, meta) == 4

@@ -133,10 +133,16 @@ def make_metadata(config: EtlConfig, features, module, class_names, staged: dict
 
 
 def _lies_under(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or inside it (local paths made absolute; URIs compared as text)."""
-    if "://" not in path and "://" not in folder:
-        path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+    """Whether `path` is `folder` or inside it, as written or (local paths) with their links resolved."""
+    def nests(path: str, folder: str) -> bool:
+        return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+    if "://" in path or "://" in folder:
+        return nests(path, folder)
+    # Both: the listing follows links, so "images/out" (a link to /elsewhere) is listed, and an
+    # --input reached through a link ("data" -> /mnt/d/data) holds its target's folders.
+    return (nests(os.path.abspath(path), os.path.abspath(folder))
+            or nests(os.path.realpath(path), os.path.realpath(folder)))
 
 
 def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:

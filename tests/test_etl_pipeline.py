@@ -258,3 +258,21 @@ def test_an_output_inside_a_class_folder_input_is_refused(tmp_path, class_folder
         assert not os.path.exists(out)
     meta = run_etl(class_folder_dataset, tmp_path / "images_out", "--form", "jpeg")  # a name that only starts alike
     assert meta.class_names == ("cat", "dog", "owl")
+
+
+def test_an_output_inside_a_class_folder_input_reached_through_a_link_is_refused(tmp_path, class_folder_dataset):
+    # --input through a link, --output by the real path (or the other way round): compared as text,
+    # they did not nest, and the next run listed the output's files as a class "out".
+    link = tmp_path / "link"
+    link.symlink_to(class_folder_dataset, target_is_directory=True)
+    for given_input, out in ((link, os.path.join(class_folder_dataset, "out")), (class_folder_dataset, link / "out")):
+        with pytest.raises(ValueError, match="lies inside the class-folder --input"):
+            run_etl(str(given_input), out, "--form", "jpeg")
+        assert not os.path.exists(out)
+    # A link inside the input to a folder elsewhere is listed too (links are followed).
+    out = os.path.join(class_folder_dataset, "linked_out")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", out)
+    with pytest.raises(ValueError, match="lies inside the class-folder --input"):
+        run_etl(class_folder_dataset, out, "--form", "jpeg")
+    assert os.listdir(tmp_path / "elsewhere") == []

@@ -98,7 +98,7 @@ def detect_header(csv_path: str) -> list[str] | None:
             line = f.readline()
             if not line:
                 break
-            first = line.decode("utf-8", errors="replace").strip()
+            first = line.decode("utf-8", errors="replace").lstrip("\ufeff").strip()  # as parse_csv_line reads it
     fields = _parse_fields(first)
     if not fields or len(fields) < 2:
         return None

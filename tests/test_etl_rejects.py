@@ -402,3 +402,14 @@ def test_a_link_in_a_loop_in_a_class_folder_is_one_reject(tmp_path):
     meta = pipeline.run(["--input", str(root), "--output", str(out), "--form", "jpeg"])
     assert [r["source"] for r in read_rejects(out)] == ["cat/x.jpg"]
     assert meta.class_names == ("cat", "dog") and count_records(out, meta) == 4
+
+
+def test_a_header_after_a_blank_line_and_a_byte_order_mark_is_still_a_header(tmp_path):
+    """A blank line put before a CSV saved with a BOM: the header was taken as "\\ufeffpath,label",
+    which the row parser (it drops a BOM on any line) never matched, so "label" became a class."""
+    rows = image_factory.write_class_folders(str(tmp_path / "in"), classes=("cat", "dog"), per_class=2)
+    text = "\n\ufeffpath,label\n" + "".join(f"{path},{label}\n" for path, label in rows)
+    (tmp_path / "rows.csv").write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    meta = pipeline.run(["--input", str(tmp_path / "rows.csv"), "--output", str(out), "--form", "jpeg"])
+    assert meta.class_names == ("cat", "dog") and read_rejects(out) == []

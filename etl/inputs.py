@@ -1,6 +1,7 @@
 """Labelled inputs: CSV rows or class folders -> (uri, label) rows, malformed rows -> rejects.
 
-Paths go through Beam's FileSystems, so local paths and gs:// work alike.
+Paths go through Beam's FileSystems, so local paths and gs:// work alike; only a local class
+folder is listed with os.scandir, which follows symlinked folders where Beam's match does not.
 """
 from __future__ import annotations
 

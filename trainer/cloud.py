@@ -176,7 +176,7 @@ def spec_file_name(ns: argparse.Namespace) -> str:
 
 
 def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri: str):
-    """(the message to submit, the message to print as the gcloud config, the gcloud command)."""
+    """(the message to submit, the message to print as the gcloud config, the gcloud command, the hardware)."""
     hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, machine_count(ns))
     image = ns.executor_image or vertex_specs.prebuilt_training_image(hw.image_kind, image_tf_version(ns, hw), ns.region)
     tuning = ns.command == "tune"
@@ -196,7 +196,7 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
         job = vertex_specs.aip.CustomJob(display_name=display_name, job_spec=spec)
         command = (f"gcloud ai custom-jobs create {where} --display-name={shlex.quote(display_name)} "
                    f"--config={shlex.quote(config_file)}")
-        return job, spec, command
+        return job, spec, command, hw
     max_trials = ns.max_trials if ns.max_trials is not None else space.max_trials
     parallel = ns.parallel_trials if ns.parallel_trials is not None else space.parallel_trials
     if max_trials <= 0 or parallel <= 0 or ns.max_failed_trials < 0:
@@ -206,7 +206,7 @@ def build_job(ns: argparse.Namespace, trainer_flags: Sequence[str], package_uri:
     command = (f"gcloud ai hp-tuning-jobs create {where} --display-name={shlex.quote(display_name)} "
                f"--max-trial-count={job.max_trial_count} --parallel-trial-count={job.parallel_trial_count} "
                f"--config={shlex.quote(config_file)}")
-    return job, job, command
+    return job, job, command, hw
 
 
 def upload_to_gcs(local: Path, uri: str) -> None:
@@ -238,8 +238,7 @@ def run(argv: Sequence[str] | None = None, out=sys.stdout, client=None) -> str |
             sdist = build_sdist(dist_dir)
             package_uri = f"{ns.job_dir.rstrip('/')}/package/{sdist.name}"
         try:
-            job, printed, command = build_job(ns, trainer_flags, package_uri)
-            hw = vertex_specs.make_hardware(ns.strategy, ns.machine, ns.accelerator, machine_count(ns))
+            job, printed, command, hw = build_job(ns, trainer_flags, package_uri)
         except (vertex_specs.SpecError, SearchSpaceError) as e:
             raise CloudJobError(str(e)) from e
         if sdist is not None and not ns.executor_image:

@@ -87,9 +87,11 @@ def load_embedder(meta: metadata.DatasetMetadata):
 
 
 def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir: str, *, input_size: int | None,
-                 dataset_sidecar_json: str, train_info: dict) -> str:
-    """Writes the SavedModel and, next to its files, the class names, the data's sidecar and `train_info`."""
-    embedder = load_embedder(meta) if meta.form == "embeddings" else None
+                 dataset_sidecar_json: str, train_info: dict, embedder=None) -> str:
+    """Writes the SavedModel and, next to its files, the class names, the data's sidecar and `train_info`.
+    `embedder`: the embeddings form's module as `load_embedder` returns it, if the caller has loaded it."""
+    if embedder is None and meta.form == "embeddings":
+        embedder = load_embedder(meta)
     module = ServingModule(model, meta.class_names, serving_image_size(meta, input_size), embedder)
     signatures = {
         SERVING_SIGNATURE: module.predict_bytes.get_concrete_function(),

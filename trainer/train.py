@@ -190,10 +190,9 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
 
     meta = ingest.load_dataset_metadata(config.data)
     spec = resolve_model_spec(config, meta)
-    if meta.form == "embeddings":
-        # The export puts the ETL's module in front of the model: find out now that it does not load
-        # (a URL offline, a path relative to another folder), not after training.
-        export.load_embedder(meta)
+    # The export puts the ETL's module in front of the model: loaded now, so that one that does not
+    # load (a URL offline, a path relative to another folder) stops the run before training, not after.
+    embedder = export.load_embedder(meta) if meta.form == "embeddings" else None
     if config.batch_size % placement.num_replicas:
         raise ValueError(f"Batch size ({config.batch_size}) must be divisible by the number of replicas "
                          f"({placement.num_replicas}) of strategy {placement.name}")
@@ -220,7 +219,7 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
         # train again from scratch.
         _refuse_other_flags(config, "a trained run")
         logging.info("%s was trained (%s); evaluating and exporting its best weights", config.job_dir, TRAINED_FILE)
-        return _evaluate_and_export(config, meta, spec, resolved) if placement.is_chief else {}
+        return _evaluate_and_export(config, meta, spec, resolved, embedder) if placement.is_chief else {}
     _prepare_job_dir(config, resolved, resuming, placement.is_chief)
     done_epochs = restored_epochs(config.job_dir) if resuming else 0
     # A restarted run's input stream and augmentation draws start again from their seeds; with the
@@ -248,11 +247,11 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
         return {}
     with tf.io.gfile.GFile(trained_path, "w") as f:
         f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
-    return _evaluate_and_export(config, meta, spec, resolved)
+    return _evaluate_and_export(config, meta, spec, resolved, embedder)
 
 
 def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetMetadata, spec: models.ModelSpec,
-                         resolved: dict) -> dict:
+                         resolved: dict, embedder=None) -> dict:
     """After training (chief only): measure the best weights, write history, curves and the export,
     then metrics.json, whose presence with the export marks the run finished."""
     metrics_path = os.path.join(config.job_dir, METRICS_FILE)
@@ -272,7 +271,7 @@ def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetM
     with tf.io.gfile.GFile(layout.join(config.data, layout.METADATA_FILE)) as f:
         sidecar_json = f.read()
     export.export_model(export_model, meta, os.path.join(config.job_dir, EXPORT_DIR), input_size=spec.input_size,
-                        dataset_sidecar_json=sidecar_json,
+                        dataset_sidecar_json=sidecar_json, embedder=embedder,
                         train_info={"flags": dataclasses.asdict(config), "resolved": resolved, "metrics": metrics})
     # The trial's result under Vertex AI tuning (a no-op elsewhere): the exported weights' accuracy.
     hypertune_report.report_metric(metrics.get("val_accuracy", float("nan")), metrics["epochs_run"])

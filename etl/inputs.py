@@ -93,13 +93,14 @@ def detect_header(csv_path: str) -> list[str] | None:
     A header names its columns: a known path or label column name, or a first field with no file
     extension. Never a row whose first field is a file that exists: `x.jpg,category` is an image
     of the class "category", not a header. Read decompressed (`rows.csv.gz`), as Beam reads it."""
+    first = ""
     with FileSystems.open(csv_path) as f:  # AUTO: decompressed by extension, like ReadFromText
-        first = f.readline().decode("utf-8-sig", errors="replace").strip()
-        while not first:  # blank lines are no rows: a header after one became a row and a class "label"
-            line = f.readline()
-            if not line:
+        # Blank lines are no rows: a header after one became a row and a class "label". A BOM is
+        # dropped from any line, as parse_csv_line drops it.
+        for line in iter(f.readline, b""):
+            first = line.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+            if first:
                 break
-            first = line.decode("utf-8", errors="replace").lstrip("\ufeff").strip()  # as parse_csv_line reads it
     fields = _parse_fields(first)
     if not fields or len(fields) < 2:
         return None

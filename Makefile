@@ -128,7 +128,7 @@ bench-ingest: $(STAMP)
 
 bench-serve: $(STAMP)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
-	$(PY) -m trainer.bench_serve --model $(EXPORT)
+	$(PY) -m trainer.serving.bench --model $(EXPORT)
 
 clean:
 	rm -rf data/out data/bench runs .pytest_cache

@@ -6,7 +6,7 @@ machine, not asserted here: CI shares its 2 cores with other tests.
 import pytest
 
 from tests.serving_fixtures import test_export  # noqa: F401
-from trainer import bench_serve
+from trainer.serving import bench as bench_serve
 
 pytestmark = pytest.mark.slow
 

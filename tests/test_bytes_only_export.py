@@ -7,8 +7,9 @@ import tensorflow as tf
 
 from tests.image_factory import encode, make_image
 from tests.serving_fixtures import marker_path, write_test_export
-from trainer import bytes_only_export, export
-from trainer.exported_model import ExportError, load_exported_model
+from trainer import export
+from trainer.serving import bytes_only_export
+from trainer.serving.exported_model import ExportError, load_exported_model
 
 
 @pytest.fixture()

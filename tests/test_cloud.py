@@ -15,9 +15,10 @@ import re
 import pytest
 from google.cloud import aiplatform_v1 as aip
 
-from trainer import cloud, hypertune_report, vertex_specs
+from trainer import hypertune_report
+from trainer.cloud import jobs as cloud, vertex_specs
 from trainer.config import make_arg_parser, parse_config
-from trainer.search_space import load_search_space, parse_search_space
+from trainer.tuning.search_space import load_search_space, parse_search_space
 
 PACKAGE = "gs://my-bucket/packages/imagepipe-0.1.0.tar.gz"  # skips the sdist build in most tests
 BASE = ["--data", "gs://my-bucket/out", "--project", "my-project", "--region", "us-central1",

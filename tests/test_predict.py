@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, test_export  # noqa: F401
-from trainer import predict
-from trainer.exported_model import load_exported_model
+from trainer.serving import predict
+from trainer.serving.exported_model import load_exported_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

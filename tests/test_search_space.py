@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trainer.search_space import (BOOK_SEARCH_SPACE_YAML, SearchSpaceError, check_against_trainer,
+from trainer.tuning.search_space import (BOOK_SEARCH_SPACE_YAML, SearchSpaceError, check_against_trainer,
                                   join_flag_values, load_search_space, parse_search_space, to_trial_flags)
 
 

@@ -18,8 +18,8 @@ from starlette.testclient import TestClient
 
 from tests.image_factory import jpeg_with_claimed_size
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
-from trainer.serving_app import make_app, parse_server_timing, server_timing
-from trainer.serving_requests import ServingLimits
+from trainer.serving.app import make_app, parse_server_timing, server_timing
+from trainer.serving.request_checks import ServingLimits
 
 SECRET = "SENTINEL-7f3c9b: must never leave the server"
 LIMITS = dict(max_body_bytes=200_000, max_instances=8, max_request_pixels=1_000_000)
@@ -161,7 +161,7 @@ def test_server_timing_is_written_and_read_by_one_pair_of_functions():
 
 
 def test_an_unexpected_failure_is_a_500_that_names_only_its_type_and_the_server_goes_on(test_export, monkeypatch):
-    from trainer.exported_model import ExportedModel
+    from trainer.serving.exported_model import ExportedModel
 
     app = make_app(test_export, "model", ServingLimits(**LIMITS))
     answer = ExportedModel.predict
@@ -174,7 +174,7 @@ def test_an_unexpected_failure_is_a_500_that_names_only_its_type_and_the_server_
 
 
 def test_the_model_is_warmed_up_with_one_jpeg_when_the_server_starts(test_export, monkeypatch):
-    from trainer.exported_model import ExportedModel, ExportError
+    from trainer.serving.exported_model import ExportedModel, ExportError
 
     calls = []
     answer = ExportedModel.predict
@@ -365,7 +365,7 @@ def test_an_animated_gif_reaches_the_model_as_its_first_frame_only(client, direc
     from PIL import Image
 
     from shared import image_check
-    from trainer.exported_model import prepare_image_bytes
+    from trainer.serving.exported_model import prepare_image_bytes
 
     frames = [Image.new("RGB", (64, 48), c) for c in [(250, 10, 10)] + [(10, 10, 240)] * 30]
     out = io.BytesIO()
@@ -384,7 +384,7 @@ def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_exp
     """Converting a TIFF decodes all of it (a 40 MP one holds 120 MB): six such requests at once
     must convert at most MODEL_CALLS_IN_FLIGHT at a time, not one per worker thread (anyio has 40)."""
     from shared import image_check
-    from trainer import serving_app
+    from trainer.serving import app as serving_app
 
     lock, active, peak = threading.Lock(), [0], [0]
     convert = image_check.to_rgb_image_bytes
@@ -421,7 +421,7 @@ def test_thread_spinning_is_switched_off_in_tensorflows_own_config_before_it_sta
     script = """
 import tensorflow as tf
 from tensorflow.python.eager import context
-from trainer.exported_model import disable_thread_spinning
+from trainer.serving.exported_model import disable_thread_spinning
 disable_thread_spinning()
 tf.constant(1.0) + 1.0  # starts the runtime, which takes its ConfigProto from the context now
 assert context.context()._initialized
@@ -441,7 +441,7 @@ except RuntimeError as e:
 def test_the_serve_command_answers_predictions_with_its_defaults(test_export, direct, tmp_path):
     """`python -m trainer.serve` as a user runs it (thread spinning off), not the app in this process;
     started and awaited as the serving benchmark starts it."""
-    from trainer.bench_serve import free_port, start_server
+    from trainer.serving.bench import free_port, start_server
 
     port, log = free_port(), tmp_path / "serve.log"
     server = start_server(test_export, port, str(log), thread_spinning=False)
@@ -493,7 +493,7 @@ def listening_addresses(port: int) -> set[str]:
 
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_a_body_limit_that_is_not_a_number_is_a_usage_error(test_export, value, capsys):
-    from trainer import serve
+    from trainer.serving import serve
 
     with pytest.raises(SystemExit) as e:
         serve.run(["--model", test_export, "--max_body_mb", value])

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tests import trainer_fixtures as fx
 from trainer import config as config_lib, export, ingest, train
-from trainer.exported_model import load_exported_model
+from trainer.serving.exported_model import load_exported_model
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from trainer import tune, tune_results
+from trainer.tuning import results as tune_results, tune
 
 pytestmark = pytest.mark.slow  # every test starts trainer subprocesses
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from shared import metadata, preprocess
-from trainer.exported_model import SERVING_SIGNATURE, ExportError, load_exported_model
+from trainer.serving.exported_model import SERVING_SIGNATURE, ExportError, load_exported_model
 
 FILENAMES_SIGNATURE = "predict_filenames"
 CLASS_NAMES_FILE = "class_names.txt"  # one name per line, in class_index order

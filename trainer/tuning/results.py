@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from trainer.search_space import SearchSpace  # noqa: E402
+from trainer.tuning.search_space import SearchSpace  # noqa: E402
 
 RESULTS_CSV = "results.csv"
 BEST_TRIAL_JSON = "best_trial.json"

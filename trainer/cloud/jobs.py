@@ -31,11 +31,12 @@ from typing import Sequence
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from trainer import hypertune_report, vertex_specs
-from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
+from trainer import hypertune_report
+from trainer.cloud import vertex_specs
+from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
                                   load_search_space)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # holds setup.py
+REPO_ROOT = Path(__file__).resolve().parents[2]  # holds setup.py
 DEFAULT_WORKERS = 2  # multi_worker's machines when --workers is not given
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import yaml
 from google.cloud import aiplatform_v1 as aip
 
-from trainer.search_space import SearchSpace
+from trainer.tuning.search_space import SearchSpace
 
 # Prebuilt training images (cloud.google.com/vertex-ai/docs/training/pre-built-containers, as
 # listed in late 2025): the newest TensorFlow is 2.17 for CPU and GPU, 2.15 for TPU, all Python 3.10.

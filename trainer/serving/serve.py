@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from shared import image_check
-from trainer.serving_requests import ServingLimits
+from trainer.serving.request_checks import ServingLimits
 
 DEFAULT_PORT = 8501  # TF Serving's REST port
 
@@ -42,7 +42,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="most pixels of all images of one request (default: %(default)s)")
     p.add_argument("--thread_spinning", action="store_true",
                    help="let TensorFlow's thread pools spin between model calls (default: they sleep, which "
-                        "was faster on 2 cores; see trainer.exported_model.disable_thread_spinning)")
+                        "was faster on 2 cores; see trainer.serving.exported_model.disable_thread_spinning)")
     return p
 
 
@@ -64,8 +64,8 @@ def run(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from trainer.exported_model import ExportError, disable_thread_spinning
-    from trainer.serving_app import make_app
+    from trainer.serving.exported_model import ExportError, disable_thread_spinning
+    from trainer.serving.app import make_app
 
     if not args.thread_spinning:
         disable_thread_spinning()

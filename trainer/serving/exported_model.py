@@ -1,6 +1,6 @@
 """The trainer's `export/` as Python sees it: load, check the signature, predict a batch of image bytes.
 
-Used by `trainer.predict` (files on the command line) and `trainer.serving_app` (REST requests).
+Used by `trainer.predict` (files on the command line) and `trainer.serving.app` (REST requests).
 Both hand the model encoded image bytes only: the `predict_filenames` signature, which reads
 paths inside the graph, is never called here, so no caller-supplied path reaches TensorFlow.
 """

@@ -17,7 +17,7 @@ time: 0.18 ms of a single-image request's 1.80 ms and 0.32 ms of a 32-image one'
 interleaved runs each on 2 cores with the digits export.
 
 Every prediction carries a W3C `Server-Timing` header (milliseconds; browsers' dev tools and
-`trainer.bench_serve` read it), so a client can see where a slow request went:
+`trainer.serving.bench` read it), so a client can see where a slow request went:
   read   receiving the body          parse  JSON, base64, header checks, converting formats TF cannot read
   queue  waiting for a model slot    model  the batched call, with its input and output conversion
   total  from the handler's start to the encoded response: total minus the four is the two thread
@@ -39,8 +39,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trainer.exported_model import SERVING_SIGNATURE, BatchDecodeError, ExportedModel, ExportError, load_exported_model
-from trainer.serving_requests import RequestRejected, ServingLimits, check_predict_request, to_model_inputs
+from trainer.serving.exported_model import SERVING_SIGNATURE, BatchDecodeError, ExportedModel, ExportError, load_exported_model
+from trainer.serving.request_checks import RequestRejected, ServingLimits, check_predict_request, to_model_inputs
 
 MODEL_VERSION = "1"  # TF Serving's layout: export/ mounted as /models/<name>/1
 # One batch per core. Each batch in flight may hold up to max_request_pixels decoded, so this bounds

@@ -21,7 +21,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="a new folder for the copy (local or gs://)")
     args = p.parse_args(argv)
     from trainer.export import write_bytes_only_export
-    from trainer.exported_model import ExportError
+    from trainer.serving.exported_model import ExportError
 
     try:
         write_bytes_only_export(args.model, args.output)

@@ -278,5 +278,10 @@ def check_against_trainer(space: SearchSpace, fixed_flags: Sequence[str] = ()) -
         raise SearchSpaceError("search space does not fit the trainer: " + "; ".join(problems))
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`python -m trainer.search_space > search.yaml`: the book's space, to edit."""
     sys.stdout.write(BOOK_SEARCH_SPACE_YAML)
+
+
+if __name__ == "__main__":
+    main()

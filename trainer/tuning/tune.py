@@ -11,7 +11,7 @@ trails the median of earlier trials at the same epoch.
 The job dir holds:
   study.db                the optuna study (SQLite): rerunning the command resumes it
   trials/<n>/             trial n's own trainer job dir (and train.log, its output)
-  results.csv, best_trial.json, accuracy_vs_params.png   (see trainer.tune_results)
+  results.csv, best_trial.json, accuracy_vs_params.png   (see trainer.tuning.results)
 
 Resuming: trials that were running when the tuner died are marked failed and queued again with
 the same parameters *and the same trial folder*, so the trainer resumes them from its backup.
@@ -35,8 +35,8 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
-from trainer import tune_results
-from trainer.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
+from trainer.tuning import results as tune_results
+from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
                                   load_search_space, to_trial_flags)
 
 STUDY_FILE = "study.db"

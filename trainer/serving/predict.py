@@ -20,7 +20,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 from shared import image_check
-from trainer.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
+from trainer.serving.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
                                     prepare_image_bytes)
 
 # One call per this many images, and results printed as each call returns: a shell glob of 10,000

@@ -1,6 +1,6 @@
 """Throughput of `trainer.serve` against the export's own, in one run (a benchmark, not a test):
 
-    python -m trainer.bench_serve --model runs/r1/export [--images DIR] [--seconds 5]
+    python -m trainer.serving.bench --model runs/r1/export [--images DIR] [--seconds 5]
 
 Prints requests/s and images/s for requests of 1 and 32 images against a local server (started
 here as `python -m trainer.serve` on a free 127.0.0.1 port), and the export's batched images/s
@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.serving_app import parse_server_timing
+from trainer.serving.app import parse_server_timing
 
 BATCH_SIZES = (1, 32)
 SYNTHETIC_SIZE = (320, 240)  # about a flowers-dataset photo (their median is ~320x240 to 500x375)
@@ -127,7 +127,7 @@ def make_in_process_call(model_path: str, thread_spinning: bool):
     the outputs converted to Python, exactly the server's `model` phase. (A tensor built once and
     reused for every call measured 0.2 ms of 8.4 faster at batch 32: fresh bytes in cache, which no
     caller with new images gets.) TensorFlow's thread pools spin or not as the server's do."""
-    from trainer.exported_model import disable_thread_spinning, load_exported_model
+    from trainer.serving.exported_model import disable_thread_spinning, load_exported_model
 
     if not thread_spinning:
         disable_thread_spinning()  # RuntimeError if this process already ran TensorFlow: pass --thread_spinning
@@ -245,7 +245,7 @@ def start_server(model_path: str, port: int, log_path: str, thread_spinning: boo
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench_serve", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m trainer.serving.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the export folder (runs/<run>/export)")
     p.add_argument("--images", default=None, help="folder of .jpg/.png to send (default: synthetic 320x240 JPEGs)")

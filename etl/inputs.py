@@ -17,6 +17,8 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from shared.paths import is_remote
+
 # A first line whose fields look like these is a header, not an image.
 _HEADER_PATH_NAMES = {"path", "uri", "url", "image", "image_path", "image_uri", "filename", "file", "gcs_path", "img"}
 _HEADER_LABEL_NAMES = {"label", "class", "category", "class_name", "label_name", "target"}
@@ -46,7 +48,7 @@ def make_reject(uri: str, label: str, reason: str, detail: str, source: str = ""
 
 def is_folder_input(path: str) -> bool:
     """A folder of class sub-folders, rather than a CSV file."""
-    if "://" not in path:
+    if not is_remote(path):
         return os.path.isdir(path)
     # Object stores have no folders: an existing object is the CSV, anything else a prefix.
     return path.endswith("/") or not FileSystems.exists(path)
@@ -108,7 +110,7 @@ def detect_header(csv_path: str) -> list[str] | None:
     named = path.lower() in _HEADER_PATH_NAMES or label.lower() in _HEADER_LABEL_NAMES
     if not (named or not posixpath.splitext(path)[1]):
         return None
-    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if not is_remote(csv_path) else csv_path.rsplit("/", 1)[0]
     try:
         if path and FileSystems.exists(resolve_path(path, csv_dir)):
             return None
@@ -119,9 +121,9 @@ def detect_header(csv_path: str) -> list[str] | None:
 
 def resolve_path(path: str, csv_dir: str) -> str:
     """A relative path in a CSV is relative to the CSV's folder; URIs and absolute paths stay."""
-    if "://" in path or path.startswith("/"):
+    if is_remote(path) or path.startswith("/"):
         return path
-    if "://" in csv_dir:
+    if is_remote(csv_dir):
         return csv_dir.rstrip("/") + "/" + path
     return posixpath.normpath(posixpath.join(csv_dir, path))
 
@@ -170,7 +172,7 @@ def list_class_folders(root: str) -> list[Row]:
     is a cat, as Keras's image_dataset_from_directory reads it); files beside the class folders
     (README, dict.txt) and hidden files and folders (.DS_Store) are not inputs."""
     root = root.rstrip("/")
-    if "://" not in root:
+    if not is_remote(root):
         root = os.path.abspath(root)  # rows are read later, relative to another folder
         paths = _list_local_class_files(root)
     else:
@@ -263,9 +265,9 @@ def ReadLabelledRows(pbegin, input_path: str, rows_csv: str | None = None, class
     # The driver's CSV of a folder input has no header; guessing could take a first file that no
     # longer exists (a dangling link "cat/0") for one, and drop it without a reject.
     header = None if rows_csv else detect_header(csv_path)
-    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if "://" not in csv_path else csv_path.rsplit("/", 1)[0]
+    csv_dir = os.path.dirname(os.path.abspath(csv_path)) if not is_remote(csv_path) else csv_path.rsplit("/", 1)[0]
     # Split keys are relative to the class-folder root for a folder input (its rows CSV sits elsewhere).
-    key_root = (os.path.abspath(input_path) if "://" not in input_path else input_path).rstrip("/") if rows_csv else csv_dir
+    key_root = (os.path.abspath(input_path) if not is_remote(input_path) else input_path).rstrip("/") if rows_csv else csv_dir
     parsed = (pbegin
               # ReadFromText takes a pattern: "flowers [v2]/all.csv" matched no file and failed the run.
               | "ReadCsvLines" >> beam.io.ReadFromText(glob.escape(csv_path), strip_trailing_newlines=True,

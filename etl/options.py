@@ -9,10 +9,9 @@ import dataclasses
 from typing import Sequence
 
 from shared import image_check, schema
+from shared.hub_handles import MOBILENET_V2_FEATURE_VECTOR
+from shared.paths import is_remote
 
-# The public MobileNetV2 feature vector (1280 floats, 224x224 input). Without network, pass a
-# local copy with --embedding_module; the ETL checks that at start, before reading any input.
-DEFAULT_EMBEDDING_MODULE = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +24,7 @@ class EtlConfig:
     shard_mb: float = 100.0  # target shard size; the book's 10-100 MB sweet spot for reads
     min_shards: int = 1  # floor per split, so that multi-worker readers each get files
     split: tuple[float, float, float] = (80.0, 10.0, 10.0)  # train, valid, test weights
-    embedding_module: str = DEFAULT_EMBEDDING_MODULE
+    embedding_module: str = MOBILENET_V2_FEATURE_VECTOR  # without network: a local path, checked at start
     embedding_batch_size: int = 32  # images per module call
     max_pixels: int = image_check.DEFAULT_MAX_PIXELS  # refuse from the header above this
     max_file_mb: float = 64.0  # refuse files larger than this before reading them whole
@@ -102,7 +101,7 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
     # working directory, where "../mod32" names another folder or none.
     for name in ("input", "labels", "embedding_module"):
         value = getattr(config, name)
-        if value and "://" not in value and os.path.exists(value):
+        if value and not is_remote(value) and os.path.exists(value):
             config = dataclasses.replace(config, **{name: os.path.abspath(value)})
     unknown = _flags_unknown_to_beam(beam_args)
     if unknown:

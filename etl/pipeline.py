@@ -23,6 +23,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from etl import embeddings, inputs, publish, records, sharding
 from etl.options import EtlConfig, parse_etl_args
 from shared import layout, metadata, preprocess, schema
+from shared.paths import is_remote
 
 
 def make_features(config: EtlConfig, module: embeddings.ModuleInfo | None) -> tuple[schema.Feature, ...]:
@@ -137,7 +138,7 @@ def _lies_under(path: str, folder: str) -> bool:
     def nests(path: str, folder: str) -> bool:
         return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
 
-    if "://" in path or "://" in folder:
+    if is_remote(path) or is_remote(folder):
         return nests(path, folder)
     # Both: the listing follows links, so "images/out" (a link to /elsewhere) is listed, and an
     # --input reached through a link ("data" -> /mnt/d/data) holds its target's folders.

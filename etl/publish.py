@@ -19,6 +19,7 @@ from typing import Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from shared import layout
+from shared.paths import is_remote
 
 TEMP_PREFIX = ".incomplete-"
 
@@ -33,7 +34,7 @@ class TooManyRejectsError(RuntimeError):
 
 def _list_entries(folder: str) -> list[str]:
     """Names directly inside `folder` (hidden ones included), [] if it does not exist."""
-    if "://" not in folder:
+    if not is_remote(folder):
         return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     prefix = folder.rstrip("/") + "/"
     matches = FileSystems.match([prefix + "**"])[0].metadata_list
@@ -42,10 +43,10 @@ def _list_entries(folder: str) -> list[str]:
 
 def _delete(paths: list[str]) -> None:
     """Deletes files and folders; on object stores a "folder" is every object under its prefix."""
-    local = [p for p in paths if "://" not in p]
+    local = [p for p in paths if not is_remote(p)]
     remote = []
     for p in paths:
-        if "://" in p:
+        if is_remote(p):
             under = FileSystems.match([p.rstrip("/") + "/**"])[0].metadata_list
             remote.extend([m.path for m in under] or [p])
     if local or remote:
@@ -75,7 +76,7 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
         # "out[1]" it found none and the run failed at the end with a BeamIOError.
         raise OutputNotEmptyError(f"--output {output} has a glob character (* ? [), which Beam's file writing "
                                   "reads as a pattern; choose a folder name without them")
-    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+    if not is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
         raise OutputNotEmptyError(f"--output {output} is a file; give a folder (it is created if missing)")
     entries = _list_entries(output)
     leftovers = [e for e in entries if e.startswith(TEMP_PREFIX)]

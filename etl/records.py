@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from etl.inputs import Row, make_reject
 from shared import image_check, layout, schema
 from shared.image_check import ImageRejected
+from shared.paths import is_remote
 
 
 class Loaded(typing.NamedTuple):
@@ -60,7 +61,7 @@ def sort_key_for(example_id: str) -> int:
 def read_limited(uri: str, max_bytes: int) -> bytes:
     """The file's bytes, refusing (without reading on) a file larger than max_bytes, and a local
     path that is not a regular file (opening a FIFO would wait for a writer forever)."""
-    if "://" not in uri:
+    if not is_remote(uri):
         try:
             mode = os.stat(uri).st_mode
         except FileNotFoundError:

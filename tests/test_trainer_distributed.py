@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests import trainer_fixtures as fx
-from trainer import train
+from trainer import run_folder, train
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +55,10 @@ def test_mirrored_over_two_logical_cpus(tmp_path, jpeg_dir, images):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    resolved = json.load(open(os.path.join(job, train.CONFIG_FILE)))["resolved"]
+    resolved = json.load(open(os.path.join(job, run_folder.CONFIG_FILE)))["resolved"]
     assert (resolved["strategy"], resolved["num_replicas"], resolved["per_replica_batch_size"]) == ("mirrored", 2, 4)
     assert "global batch size 8 = 2 replicas x 4 per replica" in done.stderr
-    out = tf.saved_model.load(os.path.join(job, train.EXPORT_DIR)).signatures["predict_filenames"](
+    out = tf.saved_model.load(os.path.join(job, run_folder.EXPORT_DIR)).signatures["predict_filenames"](
         filenames=tf.constant([images[0][0]]))
     assert out["probabilities"].shape == (1, 3)
 
@@ -90,8 +90,8 @@ def test_multi_worker_two_local_workers_only_the_chief_exports(tmp_path, jpeg_di
         assert "global batch size 8 = 2 replicas x 4 per replica, 2 worker(s)" in text
         assert "sharding by file (2 files over 2 workers)" in text
     assert "metrics of the exported weights" in logs[0] and "metrics of the exported weights" not in logs[1]
-    assert os.path.exists(os.path.join(job, train.EXPORT_DIR, "saved_model.pb"))
-    metrics = json.load(open(os.path.join(job, train.METRICS_FILE)))
+    assert os.path.exists(os.path.join(job, run_folder.EXPORT_DIR, "saved_model.pb"))
+    metrics = json.load(open(os.path.join(job, run_folder.METRICS_FILE)))
     assert metrics["epochs_run"] == 2 and "test_accuracy" in metrics
     leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(job) for n in dirs + files if "workertemp" in n]
     assert not leftovers, f"non-chief temporary files were not cleaned up: {leftovers}"

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tests import trainer_fixtures as fx
-from trainer import config as config_lib, export, ingest, train
+from trainer import config as config_lib, ingest, run_folder, train
+from trainer.serving import bytes_only_export, contract
 from trainer.serving.exported_model import load_exported_model
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def form_runs(tmp_path_factory, small_csv, hub_module):
 
 
 def _export(config):
-    return tf.saved_model.load(os.path.join(config.job_dir, train.EXPORT_DIR))
+    return tf.saved_model.load(os.path.join(config.job_dir, run_folder.EXPORT_DIR))
 
 
 def _test_files(config):
@@ -91,7 +92,7 @@ def test_digits_dnn_reaches_90_percent_test_accuracy_through_the_export(digits_r
     # The reported metric is the exported weights' metric (the book reported the best epoch's
     # accuracy but exported the last epoch's weights).
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
-    history = json.load(open(os.path.join(config.job_dir, train.HISTORY_FILE)))
+    history = json.load(open(os.path.join(config.job_dir, run_folder.HISTORY_FILE)))
     assert metrics["val_accuracy"] == pytest.approx(max(history["val_accuracy"]), abs=1e-6)
     assert metrics["epochs_run"] == len(history["loss"]) <= 20
 
@@ -99,14 +100,14 @@ def test_digits_dnn_reaches_90_percent_test_accuracy_through_the_export(digits_r
 def test_run_folder_holds_config_curves_metrics_and_provenance(digits_run):
     config, metrics = digits_run
     job = config.job_dir
-    resolved = json.load(open(os.path.join(job, train.CONFIG_FILE)))
+    resolved = json.load(open(os.path.join(job, run_folder.CONFIG_FILE)))
     assert resolved["flags"]["num_hidden"] == 128 and resolved["resolved"]["global_batch_size"] == 32
     assert resolved["resolved"]["input_size"] == 32  # the pixels form's size comes from the sidecar
-    assert open(os.path.join(job, train.CURVES_FILE), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert json.load(open(os.path.join(job, train.METRICS_FILE))) == metrics
-    export_dir = os.path.join(job, train.EXPORT_DIR)
-    assert open(os.path.join(export_dir, export.CLASS_NAMES_FILE)).read().split() == [str(d) for d in range(10)]
-    assert open(os.path.join(export_dir, export.DATASET_METADATA_FILE)).read() == \
+    assert open(os.path.join(job, run_folder.CURVES_FILE), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(os.path.join(job, run_folder.METRICS_FILE))) == metrics
+    export_dir = os.path.join(job, run_folder.EXPORT_DIR)
+    assert open(os.path.join(export_dir, contract.CLASS_NAMES_FILE)).read().split() == [str(d) for d in range(10)]
+    assert open(os.path.join(export_dir, contract.DATASET_METADATA_FILE)).read() == \
         open(os.path.join(config.data, "metadata.json")).read()
     assert train.train_and_export(config) == metrics  # rerunning a finished run returns its metrics
     # ... and with other flags it says so instead of returning the old run's metrics as theirs
@@ -117,7 +118,7 @@ def test_run_folder_holds_config_curves_metrics_and_provenance(digits_run):
 def test_saved_model_cli_shows_both_signatures(digits_run):
     config, _ = digits_run
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run([cli, "show", "--all", "--dir", os.path.join(config.job_dir, train.EXPORT_DIR)],
+    shown = subprocess.run([cli, "show", "--all", "--dir", os.path.join(config.job_dir, run_folder.EXPORT_DIR)],
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
     for text in ("signature_def['serving_default']", "inputs['image_bytes']", "signature_def['predict_filenames']",
@@ -159,15 +160,15 @@ def test_embeddings_export_takes_images_with_the_module_inside(form_runs):
     config, _ = form_runs["embeddings"]
     inputs = _export(config).signatures["serving_default"].structured_input_signature[1]
     assert list(inputs) == ["image_bytes"] and inputs["image_bytes"].dtype == tf.string
-    resolved = json.load(open(os.path.join(config.job_dir, train.CONFIG_FILE)))["resolved"]
+    resolved = json.load(open(os.path.join(config.job_dir, run_folder.CONFIG_FILE)))["resolved"]
     assert resolved["model"] == "embeddings_head" and resolved["embedding_size"] == 32
 
 
 def test_a_bytes_only_copy_of_a_real_export_answers_alike(form_runs, tmp_path):
     # The embeddings export holds a Keras model and the TF Hub module: both must survive the re-save.
     config, _ = form_runs["embeddings"]
-    original = os.path.join(config.job_dir, train.EXPORT_DIR)
-    copy_dir = export.write_bytes_only_export(original, str(tmp_path / "bytes_only"))
+    original = os.path.join(config.job_dir, run_folder.EXPORT_DIR)
+    copy_dir = bytes_only_export.write_bytes_only_export(original, str(tmp_path / "bytes_only"))
     _, _, records = _test_files(config)
     images = [open(r["uri"], "rb").read() for r in records]
     assert load_exported_model(copy_dir).predict(images) == load_exported_model(original).predict(images)
@@ -180,6 +181,6 @@ def test_mobilenet_model_with_a_local_hub_module(tmp_path, small_csv, hub_module
     # image_size 32 = the module's input; crop_ratio 0.5 -> tf.data resizes to 64, the model crops 32.
     config, metrics = _train(data, str(tmp_path / "run"), model="mobilenet", hub_handle=hub_module, num_epochs=1,
                              crop_ratio=0.5, with_flip="true")
-    resolved = json.load(open(os.path.join(config.job_dir, train.CONFIG_FILE)))["resolved"]
+    resolved = json.load(open(os.path.join(config.job_dir, run_folder.CONFIG_FILE)))["resolved"]
     assert (resolved["input_size"], resolved["model_size"]) == (64, 32)
     _skew_and_signatures(config)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from shared import metadata, preprocess, schema
 from tests import trainer_fixtures as fx
-from trainer import config as config_lib, ingest, train
+from trainer import config as config_lib, ingest, run_folder, train
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +189,12 @@ def test_a_corrupt_test_shard_is_named_after_training_and_the_rerun_does_not_tra
     with pytest.raises(metadata.DatasetError, match=r"corrupt shard\(s\): .*test-00000-of-00001.tfrecord.*rerun to evaluate"):
         train.train_and_export(config)
     log = (job / "epochs.jsonl").read_text()
-    assert len(log.splitlines()) == 2 and (job / train.TRAINED_FILE).exists()
+    assert len(log.splitlines()) == 2 and (job / run_folder.TRAINED_FILE).exists()
     shard.write_bytes(good)  # the data repaired: the rerun measures and exports the trained weights
     metrics = train.train_and_export(config)
     assert (job / "epochs.jsonl").read_text() == log, "the rerun trained again"
     assert metrics["epochs_run"] == 2 and "test_accuracy" in metrics
-    assert (job / train.EXPORT_DIR / "saved_model.pb").exists()
+    assert (job / run_folder.EXPORT_DIR / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tf_keras
 
 from tests import trainer_fixtures as fx
-from trainer import callbacks, config as config_lib, train
+from trainer import callbacks, config as config_lib, run_folder, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def test_kill_9_during_epoch_2_then_rerun_resumes_and_finishes(tmp_path, pixels_
         if first.poll() is None:
             first.kill()
     assert len(callbacks.read_epoch_log(job)) == 1, "the kill did not land in epoch 2"
-    assert not os.path.exists(os.path.join(job, train.EXPORT_DIR))
+    assert not os.path.exists(os.path.join(job, run_folder.EXPORT_DIR))
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -57,10 +57,10 @@ def test_kill_9_during_epoch_2_then_rerun_resumes_and_finishes(tmp_path, pixels_
     entries = callbacks.read_epoch_log(job)
     assert [e["epoch"] for e in entries] == [0, 1, 2, 3]
     assert entries[0]["pid"] == first.pid and {e["pid"] for e in entries[1:]} == {entries[1]["pid"]} != {first.pid}
-    metrics = json.load(open(os.path.join(job, train.METRICS_FILE)))
+    metrics = json.load(open(os.path.join(job, run_folder.METRICS_FILE)))
     assert metrics["epochs_run"] == 4
-    assert len(json.load(open(os.path.join(job, train.HISTORY_FILE)))["loss"]) == 4
-    assert os.path.exists(os.path.join(job, train.EXPORT_DIR, "saved_model.pb"))
+    assert len(json.load(open(os.path.join(job, run_folder.HISTORY_FILE)))["loss"]) == 4
+    assert os.path.exists(os.path.join(job, run_folder.EXPORT_DIR, "saved_model.pb"))
 
 
 def test_resuming_with_other_flags_is_refused(tmp_path, pixels_dir):
@@ -70,7 +70,7 @@ def test_resuming_with_other_flags_is_refused(tmp_path, pixels_dir):
 
     tf.train.Checkpoint(v=tf.Variable(1)).save(str(job / "backup" / "chief" / "ckpt"))
     old = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
-    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
+    (job / run_folder.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
     new = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job), lrate=0.5))
     with pytest.raises(ValueError, match=r"other flags .*'lrate': \(0.01, 0.5\)"):
         train.train_and_export(new)
@@ -89,7 +89,7 @@ def test_a_re_run_epoch_is_not_counted_twice_by_early_stopping_or_the_best_check
     """A crash after epoch 1's log line but before its backup: the backup holds 1 epoch, so epoch 1
     runs again; its old line must not seed the callbacks (wait would start at 1, not 0)."""
     lines = [{"epoch": 0, "pid": 1, "val_accuracy": 0.90}, {"epoch": 1, "pid": 1, "val_accuracy": 0.95}]
-    (tmp_path / callbacks.EPOCH_LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / run_folder.EPOCH_LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
     stopper, checkpoint = None, None
     for cb in callbacks.make_callbacks(str(tmp_path), patience=2, is_chief=False, restored_epochs=1):
         if isinstance(cb, callbacks.ResumableEarlyStopping):
@@ -207,11 +207,11 @@ def test_float_flags_refuse_nan_and_infinity(capsys, flags, message):
 
 def test_a_rerun_whose_folders_end_in_a_slash_is_the_same_run(tmp_path, pixels_dir):
     job = tmp_path / "run"
-    (job / train.EXPORT_DIR).mkdir(parents=True)  # what a finished run leaves: export, metrics and config
-    (job / train.EXPORT_DIR / "saved_model.pb").write_bytes(b"")
-    (job / train.METRICS_FILE).write_text(json.dumps({"test_accuracy": 0.9}))
+    (job / run_folder.EXPORT_DIR).mkdir(parents=True)  # what a finished run leaves: export, metrics and config
+    (job / run_folder.EXPORT_DIR / "saved_model.pb").write_bytes(b"")
+    (job / run_folder.METRICS_FILE).write_text(json.dumps({"test_accuracy": 0.9}))
     old = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
-    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
+    (job / run_folder.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(old.to_json())}))
     # as shell completion types them
     new = config_lib.parse_config(fx.trainer_argv(pixels_dir + "/", str(job) + "/"))
     assert train.train_and_export(new) == {"test_accuracy": 0.9}
@@ -231,7 +231,7 @@ def test_an_embedding_module_that_does_not_load_stops_the_run_before_training(tm
     err = capsys.readouterr().err
     assert f"cannot load the TF Hub module {module!r}" in err and "the sidecar's preprocessing.module" in err
     assert "--hub_handle" not in err  # the mobilenet model's flag: a trained run refuses it, and it is not used
-    assert not (job / train.TRAINED_FILE).exists() and not (job / callbacks.EPOCH_LOG_FILE).exists()
+    assert not (job / run_folder.TRAINED_FILE).exists() and not (job / run_folder.EPOCH_LOG_FILE).exists()
 
 
 def test_config_json_is_never_seen_half_written_while_the_chief_rewrites_it(tmp_path, pixels_dir, monkeypatch):
@@ -240,18 +240,18 @@ def test_config_json_is_never_seen_half_written_while_the_chief_rewrites_it(tmp_
     job = tmp_path / "run"
     job.mkdir()
     config = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
-    (job / train.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(config.to_json()), "resolved": {"old": 1}}))
+    (job / run_folder.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(config.to_json()), "resolved": {"old": 1}}))
     seen = []
 
     class ReadDuringWrite(tf.io.gfile.GFile):
         def write(self, data):
             super().write(data)
-            seen.append((job / train.CONFIG_FILE).read_text())  # what another worker would read now
+            seen.append((job / run_folder.CONFIG_FILE).read_text())  # what another worker would read now
 
     monkeypatch.setattr(tf.io.gfile, "GFile", ReadDuringWrite)
     train._prepare_job_dir(config, {"new": 2}, resuming=True, is_chief=True)
     assert seen and all(json.loads(text)["resolved"] == {"old": 1} for text in seen), seen
-    assert json.loads((job / train.CONFIG_FILE).read_text())["resolved"] == {"new": 2}
+    assert json.loads((job / run_folder.CONFIG_FILE).read_text())["resolved"] == {"new": 2}
 
 
 def test_the_training_curves_take_a_data_folder_named_with_dollar_signs(tmp_path):

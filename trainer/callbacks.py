@@ -16,10 +16,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import hypertune_report
+from trainer.run_folder import BACKUP_DIR, BEST_WEIGHTS, EPOCH_LOG_FILE, LOGS_DIR
 
 MONITOR = "val_accuracy"
-EPOCH_LOG_FILE = "epochs.jsonl"  # one JSON object per finished epoch: {"epoch", "pid", metrics...}
-BEST_WEIGHTS = "checkpoints/best"  # TF checkpoint format: best.index + best.data-*
 
 
 def read_epoch_log(job_dir: str) -> list[dict]:
@@ -112,7 +111,7 @@ def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs:
         ResumableEarlyStopping(patience, previous),
         *make_tensorboard_callback(job_dir),
         EpochLog(job_dir, write=is_chief),
-        keras.callbacks.BackupAndRestore(os.path.join(job_dir, "backup")),
+        keras.callbacks.BackupAndRestore(os.path.join(job_dir, BACKUP_DIR)),
     ]
 
 
@@ -124,4 +123,4 @@ def make_tensorboard_callback(job_dir: str) -> list[keras.callbacks.Callback]:
     except ImportError:
         logging.warning("tensorboard is not installed: no %s/logs (pip install tensorboard)", job_dir)
         return []
-    return [keras.callbacks.TensorBoard(os.path.join(job_dir, "logs"), profile_batch=0)]
+    return [keras.callbacks.TensorBoard(os.path.join(job_dir, LOGS_DIR), profile_batch=0)]

@@ -12,9 +12,10 @@ import math
 import os
 from typing import Sequence
 
+from shared.hub_handles import MOBILENET_V2_FEATURE_VECTOR
+
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MODELS = ("linear", "dnn", "mobilenet")
-DEFAULT_HUB_HANDLE = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TrainConfig:
     with_flip: bool = True
     with_color_distort: bool = True
     patience: int = 2  # epochs without val_accuracy gain before early stopping
-    hub_handle: str = DEFAULT_HUB_HANDLE  # URL or local SavedModel path (mobilenet model)
+    hub_handle: str = MOBILENET_V2_FEATURE_VECTOR  # URL or local SavedModel path (mobilenet model)
     image_size: int = 224  # model input size for the jpeg form (pixels: the sidecar's)
     cache: bool = False  # cache parsed records in memory (small datasets only)
     seed: int = 42  # file order, shuffles, initialisation

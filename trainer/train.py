@@ -26,13 +26,9 @@ import tf_keras as keras
 from shared import layout, metadata
 from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots,
                      strategy as strategy_lib)
+from trainer.run_folder import (BACKUP_DIR, BEST_WEIGHTS, CONFIG_FILE, CURVES_FILE, EPOCH_LOG_FILE, EXPORT_DIR,
+                                HISTORY_FILE, METRICS_FILE, TRAINED_FILE)
 
-METRICS_FILE = "metrics.json"
-TRAINED_FILE = "trained.json"  # written when fit returns: a rerun goes straight to evaluation and export
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
-CURVES_FILE = "training_curves.png"
-EXPORT_DIR = "export"
 TPU_STEPS_PER_EXECUTION = 32  # the book's value: batches sent to the TPU per call
 
 
@@ -68,7 +64,7 @@ def chance_warning(val_accuracy: float | None, num_classes: int) -> str | None:
 
 def _backup_checkpoint(job_dir: str) -> str | None:
     """BackupAndRestore's latest complete checkpoint (its manager writes to backup/chief), or None."""
-    return tf.train.latest_checkpoint(os.path.join(job_dir, "backup", "chief"))
+    return tf.train.latest_checkpoint(os.path.join(job_dir, BACKUP_DIR, "chief"))
 
 
 def _backup_exists(job_dir: str) -> bool:
@@ -128,7 +124,7 @@ def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: b
     except tf.errors.OpError as e:  # a path under a file, a read-only folder, a bucket without write access
         raise ValueError(f"--job_dir {config.job_dir} cannot be written ({type(e).__name__}: {e.message}); "
                          f"give a folder this process can create and write") from None
-    log_path = os.path.join(config.job_dir, callbacks.EPOCH_LOG_FILE)
+    log_path = os.path.join(config.job_dir, EPOCH_LOG_FILE)
     if not resuming and tf.io.gfile.exists(log_path):
         tf.io.gfile.remove(log_path)  # a previous run that finished training but not its export
 
@@ -149,7 +145,7 @@ def evaluate_best(spec: models.ModelSpec, meta: metadata.DatasetMetadata, config
     """A plain (undistributed) copy of the model with the best checkpoint's weights, and its accuracy
     on the validation and test splits: the exported weights are the ones measured."""
     model = models.build_model(spec)
-    checkpoint = os.path.join(config.job_dir, callbacks.BEST_WEIGHTS)
+    checkpoint = os.path.join(config.job_dir, BEST_WEIGHTS)
     if not tf.io.gfile.exists(checkpoint + ".index"):
         raise FileNotFoundError(f"{checkpoint}.index does not exist: no epoch finished with a {callbacks.MONITOR}")
     model.load_weights(checkpoint).expect_partial()  # the optimiser's slots are not needed to predict

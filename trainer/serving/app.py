@@ -39,7 +39,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trainer.serving.exported_model import SERVING_SIGNATURE, BatchDecodeError, ExportedModel, ExportError, load_exported_model
+from trainer.serving.contract import SERVING_SIGNATURE
+from trainer.serving.exported_model import BatchDecodeError, ExportedModel, ExportError, load_exported_model
 from trainer.serving.request_checks import RequestRejected, ServingLimits, check_predict_request, to_model_inputs
 
 MODEL_VERSION = "1"  # TF Serving's layout: export/ mounted as /models/<name>/1

@@ -12,11 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared import image_check
-
-SERVING_SIGNATURE = "serving_default"
-INPUT_NAME = "image_bytes"
-# The outputs the export contract promises; a real export may add more, which are passed through.
-REQUIRED_OUTPUTS = ("probability", "class_index", "class_name")
+from trainer.serving.contract import INPUT_NAME, REQUIRED_OUTPUTS, SERVING_SIGNATURE
 
 
 class ExportError(RuntimeError):

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 from shared import image_check
+from shared.paths import is_remote
 from trainer.serving.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
                                     prepare_image_bytes)
 
@@ -55,7 +56,7 @@ def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
     import tensorflow as tf
 
     try:
-        if "://" in path:
+        if is_remote(path):
             size = tf.io.gfile.stat(path).length
         else:
             try:
@@ -162,7 +163,7 @@ def _short(path: str, limit: int = 30) -> str:
 def grid_path_problem(path: str) -> str | None:
     """Why `--grid path` could not be written, checked before any prediction; None if it can be
     (gs:// paths are checked when written)."""
-    if "://" in path:
+    if is_remote(path):
         return None
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):

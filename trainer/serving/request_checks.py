@@ -23,7 +23,8 @@ import orjson
 import pybase64
 
 from shared import image_check
-from trainer.serving.exported_model import SERVING_SIGNATURE, prepare_image_bytes
+from trainer.serving.contract import SERVING_SIGNATURE
+from trainer.serving.exported_model import prepare_image_bytes
 
 # A scheme and a slash (gs://, http://, file:/etc): such strings are refused by name, never paths
 # here. A colon alone is an ordinary file name character ("shot:1.png").

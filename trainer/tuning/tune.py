@@ -35,6 +35,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
+from trainer.run_folder import EPOCH_LOG_FILE, METRICS_FILE
 from trainer.tuning import results as tune_results
 from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
                                   load_search_space, to_trial_flags)
@@ -43,8 +44,6 @@ STUDY_FILE = "study.db"
 STUDY_NAME = "tune"
 TRIALS_DIR = "trials"
 TRAINER_LOG = "train.log"
-EPOCH_LOG_FILE = "epochs.jsonl"  # = trainer.callbacks.EPOCH_LOG_FILE (not imported: it loads TensorFlow)
-METRICS_FILE = "metrics.json"  # = trainer.train.METRICS_FILE
 PRUNER_STARTUP_TRIALS = 4  # finished trials before any pruning: a median of fewer is noise
 PRUNER_WARMUP_EPOCHS = 1  # never judge a trial on its first epoch alone
 USAGE_ERROR = 2  # argparse's exit code: the flags are wrong, so every trial would fail the same way

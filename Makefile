@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per setup.py extra: each target installs the roles it runs (`make serve` needs no Beam).
+INSTALLED = $(foreach extra,$(1),$(VENV)/.installed-$(extra))
+STAMP := $(call INSTALLED,dev)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # The embedded sample (scikit-learn's digits) and where its outputs go.
@@ -65,18 +67,21 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(VENV)/.created:
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(SAMPLE_DIR)/all_data.csv: | $(STAMP)
+$(VENV)/.installed-%: setup.py | $(VENV)/.created
+	$(VENV)/bin/pip install --quiet -e '.[$*]'
+	touch $@
+
+$(SAMPLE_DIR)/all_data.csv: | $(call INSTALLED,sample)
 	$(PY) -m etl.sample --output $(SAMPLE_DIR)
 
 sample: $(SAMPLE_DIR)/all_data.csv
 
-etl: $(STAMP) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
+etl: $(call INSTALLED,etl) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 	@set -eo pipefail; \
 	if [ "$(RUNNER)" = DataflowRunner ]; then \
 	  runner_flags=$$($(PY) -m etl.dataflow_options --project "$(PROJECT)" --region "$(REGION)" \
@@ -88,23 +93,23 @@ etl: $(STAMP) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 	    --image_size $(IMAGE_SIZE) $(if $(EMBEDDING_MODULE),--embedding_module $(EMBEDDING_MODULE),) \
 	    "$$@" --overwrite $(ETL_FLAGS)
 
-train: $(STAMP)
+train: $(call INSTALLED,training)
 	$(AUTO_ETL)
 	$(PY) -m trainer.train --data $(DATA) --job_dir $(JOB_DIR) --strategy $(STRATEGY) --model $(MODEL) \
 	    --num_epochs $(EPOCHS) --image_size $(TRAIN_IMAGE_SIZE) $(TRAIN_FLAGS)
 	mkdir -p $(dir $(LAST_TRAIN)) && echo '$(JOB_DIR)' > $(LAST_TRAIN)
 
-serve: $(STAMP)
+serve: $(call INSTALLED,serving)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
 	$(PY) -m trainer.serve --model $(EXPORT) $(SERVE_FLAGS)
 
-tune: $(STAMP)
+tune: $(call INSTALLED,tuning)
 	$(AUTO_ETL)
 	$(PY) -m trainer.tune --data $(DATA) --job_dir $(TUNE_DIR) $(if $(SEARCH_SPACE),--search_space $(SEARCH_SPACE),) \
 	    --max_trials $(TRIALS) --parallel_trials $(PARALLEL) $(TUNE_FLAGS)
 
 # The main job end to end on the sample: ETL (pixels, 32 px) -> train -> export -> predict.
-demo: sample
+demo: sample $(call INSTALLED,etl training serving)
 	$(MAKE) etl FORM=pixels
 	rm -rf runs/demo
 	$(MAKE) train FORM=pixels JOB_DIR=runs/demo
@@ -115,18 +120,18 @@ demo: sample
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench-etl: $(STAMP)
+bench-etl: $(call INSTALLED,etl bench)
 	$(PY) -m etl.bench
 
 # The ingest benchmark reads the jpeg form of photo-like images (the ETL benchmark's corpus),
 # in 8 shards so that interleaving has files to interleave.
-bench-ingest: $(STAMP)
+bench-ingest: $(call INSTALLED,etl training bench)
 	test -f data/out/bench-jpeg/metadata.json || { \
 	  $(PY) -c "from etl.bench import write_corpus; write_corpus('data/bench/photos', 1200)" && \
 	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --min_shards 8 --overwrite; }
 	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
 
-bench-serve: $(STAMP)
+bench-serve: $(call INSTALLED,serving bench)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
 	$(PY) -m trainer.serving.bench --model $(EXPORT)
 

@@ -1,26 +1,46 @@
-"""Installs the `etl`, `shared` and `trainer` packages.
+"""Installs the `etl`, `shared` and `trainer` packages, with one extra per role:
 
-It doubles as Beam's `--setup_file`: Dataflow workers run `pip install .` on this
-file, so they get the same record schema and preprocessing as the local runner.
+    pip install '.[etl]'        the Beam ETL (DirectRunner or Dataflow launcher)
+    pip install '.[training]'   python -m trainer.train (what a Vertex AI training image needs)
+    pip install '.[serving]'    python -m trainer.serve and trainer.predict (a serving image)
+    pip install '.[tuning]'     python -m trainer.tune (trials run the trainer: training included)
+    pip install '.[cloud]'      python -m trainer.cloud (job specs, submission)
+    pip install '.[dev]'        everything, plus the test tools (`make test`)
+
+The base requirements are what every role that reads records or runs a model imports (shared/).
+They are also what Dataflow workers get from `--setup_file`, which installs no extras: Beam itself
+comes with their SDK image, and the embeddings form needs tensorflow-hub there.
+tests/test_packaging.py checks that each role's modules import only what its extra installs.
 """
 import setuptools
 
 # Compatible ranges, not exact pins: a user's environment may carry newer patch releases.
-# TF and tf_keras move together (tf_keras 2.N pairs with TF 2.N).
-REQUIRED = [
-    "apache-beam[gcp]>=2.70,<3",
+# TF and tf_keras move together (tf_keras 2.N pairs with TF 2.N); tensorflow-hub pulls tf_keras in,
+# so the pin lives in the base to keep the pair matched wherever hub is installed.
+BASE = [
     "tensorflow>=2.21,<2.22",
     "tf-keras>=2.21,<2.22",
     "tensorflow-hub>=0.16.1,<0.17",
-    # TF 2.21 no longer pulls it in, and without it tf.summary (the TensorBoard callback) fails.
-    "tensorboard>=2.20,<3",
     "numpy>=1.26,<3",
     "pillow>=10,<14",
-    "matplotlib>=3.8,<4",
-    "pyyaml>=6,<7",
-    # Local REST server (trainer.serve): a well-kept ASGI framework and server. Starlette, not FastAPI
-    # on top of it: its extra layers cost 0.2-0.3 ms a request and this app uses none of them.
+]
+
+ETL = [
+    "apache-beam[gcp]>=2.70,<3",
+    "google-crc32c>=1.5,<2",  # TFRecord framing (etl/tfrecord_io.py); Beam[gcp] brings it too
+]
+
+TRAINING = [
+    # TF 2.21 no longer pulls it in, and without it tf.summary (the TensorBoard callback) fails.
+    "tensorboard>=2.20,<3",
+    "matplotlib>=3.8,<4",  # training curves
+    "cloudml-hypertune==0.1.0.dev6",  # reports the trial metric inside a Vertex AI tuning trial
+]
+
+SERVING = [
+    # A well-kept ASGI framework and server; starlette, not FastAPI on top of it (docs/serving.md).
     "starlette>=0.37,<2",
+    "anyio>=4,<5",
     "uvicorn>=0.29,<1",
     # uvicorn uses these when present: single-image requests 332 -> 449 per second on 2 cores.
     "httptools>=0.6,<1",
@@ -28,18 +48,40 @@ REQUIRED = [
     # Request parsing in C: a 32-image request's base64 2.5 ms -> 0.07 ms, its JSON 0.61 -> 0.30 ms.
     "orjson>=3.9,<4",
     "pybase64>=1.3,<2",
-    # Local hyperparameter search (trainer.tune) and Vertex AI's metric reporting and job specs.
-    "optuna>=3.6,<6",
-    "cloudml-hypertune==0.1.0.dev6",
-    "google-cloud-aiplatform>=1.60,<2",
+    "matplotlib>=3.8,<4",  # trainer.predict --grid
 ]
 
+TUNING = TRAINING + [
+    "optuna>=3.6,<6",
+    "pyyaml>=6,<7",  # the search-space file, shared with Vertex AI tuning
+]
+
+# Building and submitting specs needs only the SDK; a --local_run of a job runs the trainer here.
+CLOUD = TRAINING + [
+    "google-cloud-aiplatform>=1.60,<2",
+    "pyyaml>=6,<7",
+    "packaging>=23",
+]
+
+# `make sample` (scikit-learn's bundled digits) and the benchmark corpus (scikit-image's bundled
+# photographs): both ship their data, nothing is downloaded.
+SAMPLE = ["scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"]
+
+# Benchmarks only: peers measured against, and their load generators. Never imported at run time.
+BENCH = SAMPLE + ["httpx>=0.27,<1"]
+
+TEST = ["pytest>=8,<10", "httpx>=0.27,<1"]
+
 EXTRAS = {
-    # `make sample` (scikit-learn's bundled digits) and the ETL benchmark corpus
-    # (scikit-image's bundled photographs): both ship their data, nothing is downloaded.
-    "sample": ["scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"],
-    "dev": ["pytest>=8,<10", "httpx>=0.27,<1", "scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"],
+    "etl": ETL,
+    "training": TRAINING,
+    "serving": SERVING,
+    "tuning": TUNING,
+    "cloud": CLOUD,
+    "sample": SAMPLE,
+    "bench": BENCH,
 }
+EXTRAS["dev"] = sorted({req for reqs in EXTRAS.values() for req in reqs} | set(TEST))
 
 setuptools.setup(
     name="imagepipe",
@@ -47,6 +89,6 @@ setuptools.setup(
     description="Labelled images to sharded TFRecords (Beam) and a tf.distribute trainer (tf_keras).",
     python_requires=">=3.11,<3.13",
     packages=setuptools.find_packages(include=["etl", "etl.*", "shared", "shared.*", "trainer", "trainer.*"]),
-    install_requires=REQUIRED,
+    install_requires=BASE,
     extras_require=EXTRAS,
 )

@@ -18,6 +18,7 @@ import tf_keras as keras
 from shared import metadata, preprocess
 from trainer.serving.contract import (CLASS_NAMES_FILE, DATASET_METADATA_FILE, FILENAMES_SIGNATURE,
                                       SERVING_SIGNATURE, TRAIN_CONFIG_FILE)
+from trainer.serving.export_folder import move_folder_into_place, remove_folder
 
 
 class ServingModule(tf.Module):
@@ -85,8 +86,7 @@ def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir:
         FILENAMES_SIGNATURE: module.predict_filenames.get_concrete_function(),
     }
     tmp_dir = export_dir.rstrip("/") + ".tmp"
-    if tf.io.gfile.exists(tmp_dir):
-        tf.io.gfile.rmtree(tmp_dir)
+    remove_folder(tmp_dir)
     tf.saved_model.save(module, tmp_dir, signatures=signatures)
     with tf.io.gfile.GFile(os.path.join(tmp_dir, CLASS_NAMES_FILE), "w") as f:
         f.write("".join(name + "\n" for name in meta.class_names))
@@ -94,8 +94,8 @@ def export_model(model: keras.Model, meta: metadata.DatasetMetadata, export_dir:
         f.write(dataset_sidecar_json)
     with tf.io.gfile.GFile(os.path.join(tmp_dir, TRAIN_CONFIG_FILE), "w") as f:
         f.write(json.dumps(train_info, indent=2) + "\n")
-    # Rename last, so an export folder is always complete (a crash leaves only `export.tmp`).
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp_dir, export_dir)
+    # Moved last, so an export folder is complete (a crash leaves `export.tmp`, or on gs:// an export
+    # without saved_model.pb).
+    remove_folder(export_dir)
+    move_folder_into_place(tmp_dir, export_dir)
     return export_dir

@@ -75,10 +75,9 @@ def restored_epochs(job_dir: str) -> int:
     """The epoch BackupAndRestore will resume at: how many epochs its checkpoint holds (0 without one).
     It saves tf_keras's `ckpt_saved_epoch` (0-based, the last finished) and `ckpt_saved_batch` (-1
     at an epoch's end; a batch number when it saved mid-epoch, which resumes inside that epoch)."""
-    path = _backup_checkpoint(job_dir)
-    if path is None:
+    if _backup_checkpoint(job_dir) is None:
         return 0
-    reader = tf.train.load_checkpoint(path)
+    reader = tf.train.load_checkpoint(os.path.join(job_dir, BACKUP_DIR, "chief"))
     epoch_key, batch_key = "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE", "ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"
     if not (reader.has_tensor(epoch_key) and reader.has_tensor(batch_key)):
         return 0

@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from trainer.serving.contract import CLASS_NAMES_FILE, DATASET_METADATA_FILE, SERVING_SIGNATURE, TRAIN_CONFIG_FILE
+from trainer.serving.export_folder import move_folder_into_place, remove_folder
 from trainer.serving.exported_model import ExportError, load_exported_model
 
 # Ops that read, list or write a path given at run time: none may be left in a bytes-only copy.
@@ -60,8 +61,7 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
     for name in [n for n in dir(loaded) if isinstance(getattr(loaded, n, None), tf.types.experimental.GenericFunction)]:
         delattr(loaded, name)
     tmp_dir = output_dir.rstrip("/") + ".tmp"
-    if tf.io.gfile.exists(tmp_dir):
-        tf.io.gfile.rmtree(tmp_dir)
+    remove_folder(tmp_dir)
     tf.saved_model.save(loaded, tmp_dir, signatures={SERVING_SIGNATURE: loaded.signatures[SERVING_SIGNATURE]})
     for name in (CLASS_NAMES_FILE, DATASET_METADATA_FILE, TRAIN_CONFIG_FILE):
         if tf.io.gfile.exists(os.path.join(export_dir, name)):
@@ -78,7 +78,7 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
     got, want = copy.predict(probe), original.predict(probe)
     if got != want:
         raise ExportError(f"the copy in {tmp_dir} answers {got} where {export_dir} answers {want}")
-    tf.io.gfile.rename(tmp_dir, output_dir)
+    move_folder_into_place(tmp_dir, output_dir)
     return output_dir
 
 

@@ -77,7 +77,7 @@ def test_train_resume_export_predict_and_bytes_only_copy_with_every_path_on_ram(
         with pytest.raises(Interrupted):
             train.train_and_export(config)
     assert [e["epoch"] for e in callbacks.read_epoch_log(job)] == [0]
-    assert train.restored_epochs(job) == 1
+    assert train.restored_epochs(job, steps_per_epoch=1) == 1
 
     metrics = train.train_and_export(config)  # the rerun resumes at epoch 2
     entries = callbacks.read_epoch_log(job)

@@ -101,22 +101,49 @@ def test_a_re_run_epoch_is_not_counted_twice_by_early_stopping_or_the_best_check
     assert checkpoint.best == 0.90  # the threshold a re-run epoch 1 must beat
 
 
-def test_restored_epochs_reads_what_backup_and_restore_saved(tmp_path):
-    """The real callback's checkpoint: stopped at the start of epoch 3, it holds 2 epochs."""
+class _StopAtEpoch3(tf_keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+
+class _WhereTrainingStarts(tf_keras.callbacks.Callback):
+    """Records the first (epoch, batch) a fit runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = self.batch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch if self.epoch is None else self.epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.batch = batch if self.batch is None else self.batch
+
+
+# (BackupAndRestore's save_freq, fit's verbose): verbose=1's progress bar turns on batch hooks, so the
+# backup records the batch running; a save every 3 of 4 batches resumes mid-epoch, every 4 at the next.
+@pytest.mark.parametrize("save_freq, verbose, resumes_at", [("epoch", 0, (2, 0)), ("epoch", 1, (2, 0)),
+                                                              (3, 0, (1, 2)), (4, 1, (2, 0))])
+def test_restored_epochs_is_where_backup_and_restore_resumes(tmp_path, save_freq, verbose, resumes_at):
+    """Stopped at the start of epoch 3: restored_epochs must be the epoch tf_keras's own resume starts at."""
     import numpy as np
 
-    class StopAtEpoch3(tf_keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise KeyboardInterrupt
-
+    x, y, steps_per_epoch = np.zeros((8, 3)), np.zeros((8, 2)), 4  # batch_size 2
+    backup = str(tmp_path / run_folder.BACKUP_DIR)
     model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
     model.compile("sgd", "mse")
-    assert train.restored_epochs(str(tmp_path)) == 0
+    assert train.restored_epochs(str(tmp_path), steps_per_epoch, save_freq) == 0
     with pytest.raises(KeyboardInterrupt):
-        model.fit(np.zeros((8, 3)), np.zeros((8, 2)), epochs=4, verbose=0,
-                  callbacks=[tf_keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), StopAtEpoch3()])
-    assert train.restored_epochs(str(tmp_path)) == 2
+        model.fit(x, y, batch_size=2, epochs=4, verbose=verbose,
+                  callbacks=[tf_keras.callbacks.BackupAndRestore(backup, save_freq=save_freq), _StopAtEpoch3()])
+    restored = train.restored_epochs(str(tmp_path), steps_per_epoch, save_freq)
+
+    start = _WhereTrainingStarts()
+    model.fit(x, y, batch_size=2, epochs=4, verbose=0,
+              callbacks=[tf_keras.callbacks.BackupAndRestore(backup, save_freq=save_freq), start])
+    assert (start.epoch, start.batch) == resumes_at  # each case is the one it claims to be
+    assert restored == start.epoch  # the epochs before it are whole; the seeds and the callbacks' memory use it
 
 
 def test_flags_accept_hyphenated_job_dir_and_true_false_values(tmp_path):

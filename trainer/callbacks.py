@@ -19,6 +19,7 @@ from trainer import hypertune_report
 from trainer.run_folder import BACKUP_DIR, BEST_WEIGHTS, EPOCH_LOG_FILE, LOGS_DIR
 
 MONITOR = "val_accuracy"
+BACKUP_SAVE_FREQ = "epoch"  # BackupAndRestore's: train.restored_epochs reads its checkpoint the same way
 
 
 def read_epoch_log(job_dir: str) -> list[dict]:
@@ -111,7 +112,7 @@ def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs:
         ResumableEarlyStopping(patience, previous),
         *make_tensorboard_callback(job_dir),
         EpochLog(job_dir, write=is_chief),
-        keras.callbacks.BackupAndRestore(os.path.join(job_dir, BACKUP_DIR)),
+        keras.callbacks.BackupAndRestore(os.path.join(job_dir, BACKUP_DIR), save_freq=BACKUP_SAVE_FREQ),
     ]
 
 

@@ -71,10 +71,15 @@ def _backup_exists(job_dir: str) -> bool:
     return _backup_checkpoint(job_dir) is not None
 
 
-def restored_epochs(job_dir: str) -> int:
-    """The epoch BackupAndRestore will resume at: how many epochs its checkpoint holds (0 without one).
-    It saves tf_keras's `ckpt_saved_epoch` (0-based, the last finished) and `ckpt_saved_batch` (-1
-    at an epoch's end; a batch number when it saved mid-epoch, which resumes inside that epoch)."""
+def restored_epochs(job_dir: str, steps_per_epoch: int, save_freq: str | int = callbacks.BACKUP_SAVE_FREQ) -> int:
+    """The epochs BackupAndRestore's checkpoint holds whole, i.e. the epoch it resumes at (0 without one).
+
+    As tf_keras decides (WorkerTrainingState.maybe_load_initial_counters_from_ckpt): the checkpoint holds
+    `ckpt_saved_epoch`, the epoch running at the save, and `ckpt_saved_batch`, the batch running then
+    (-1 unless some callback turned on batch hooks: a progress bar, profiling). With per-epoch saves
+    it resumes at epoch + 1 whatever the batch; with saves every `save_freq` batches, inside `epoch`
+    after `batch`, or at epoch + 1 when that batch was the epoch's last. (The trainer does not turn on
+    save_before_preemption, which would resume mid-epoch too.)"""
     if _backup_checkpoint(job_dir) is None:
         return 0
     reader = tf.train.load_checkpoint(os.path.join(job_dir, BACKUP_DIR, "chief"))
@@ -84,7 +89,8 @@ def restored_epochs(job_dir: str) -> int:
     epoch, batch = int(reader.get_tensor(epoch_key)), int(reader.get_tensor(batch_key))
     if epoch < 0:
         return 0
-    return epoch + 1 if batch < 0 else epoch
+    resumes_mid_epoch = isinstance(save_freq, int) and 0 <= batch < steps_per_epoch - 1
+    return epoch if resumes_mid_epoch else epoch + 1
 
 
 def _comparable_flags(flags: dict) -> dict:
@@ -216,7 +222,7 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
         logging.info("%s was trained (%s); evaluating and exporting its best weights", config.job_dir, TRAINED_FILE)
         return _evaluate_and_export(config, meta, spec, resolved, embedder) if placement.is_chief else {}
     _prepare_job_dir(config, resolved, resuming, placement.is_chief)
-    done_epochs = restored_epochs(config.job_dir) if resuming else 0
+    done_epochs = restored_epochs(config.job_dir, steps_per_epoch) if resuming else 0
     # A restarted run's input stream and augmentation draws start again from their seeds; with the
     # same seeds its epochs would replay the first epochs' batches and crops. Offset by the epochs
     # the backup holds (the same on every worker), so a resumed run goes on to new draws.

@@ -295,3 +295,70 @@ def test_a_job_dir_that_tensorflow_would_read_as_a_glob_pattern_is_refused(capsy
     with pytest.raises(SystemExit):
         config_lib.parse_config(["--data", "d", "--job_dir", "runs/lr[1]"])
     assert "--job_dir 'runs/lr[1]' holds '[': TensorFlow reads checkpoint paths as glob patterns" in capsys.readouterr().err
+
+
+RUN_JSON_FILES = (run_folder.CONFIG_FILE, run_folder.TRAINED_FILE, run_folder.HISTORY_FILE, run_folder.METRICS_FILE)
+
+
+def _torn_run_files(job) -> list[str]:
+    """The run-folder files a kill at this instant would leave unreadable."""
+    torn = [name for name in RUN_JSON_FILES if (job / name).exists() and not _parses((job / name).read_text())]
+    log = job / run_folder.EPOCH_LOG_FILE
+    if log.exists() and not all(_parses(line) for line in log.read_text().splitlines()):
+        torn.append(run_folder.EPOCH_LOG_FILE)
+    return torn
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_a_kill_at_any_write_of_a_run_leaves_every_json_file_whole(tmp_path, pixels_dir, monkeypatch):
+    # GFile buffers: right after write() the file holds nothing or part of the text until close, which
+    # is what a kill then leaves.
+    job = tmp_path / "run"
+    torn_at_writes = []
+
+    class CheckAtEveryWrite(tf.io.gfile.GFile):
+        def write(self, data):
+            super().write(data)
+            torn_at_writes.append(_torn_run_files(job))
+
+    monkeypatch.setattr(tf.io.gfile, "GFile", CheckAtEveryWrite)
+    train.train_and_export(config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job), num_epochs=2)))
+    assert len(torn_at_writes) > 5 and not any(torn_at_writes), torn_at_writes
+    assert all((job / name).exists() for name in RUN_JSON_FILES)
+
+
+def _finished_run(job, pixels_dir) -> config_lib.TrainConfig:
+    """What a finished run leaves for a rerun to read: config, trained, metrics, epoch log and export."""
+    config = config_lib.parse_config(fx.trainer_argv(pixels_dir, str(job)))
+    (job / run_folder.EXPORT_DIR).mkdir(parents=True)
+    (job / run_folder.EXPORT_DIR / "saved_model.pb").write_bytes(b"")
+    (job / run_folder.CONFIG_FILE).write_text(json.dumps({"flags": json.loads(config.to_json())}))
+    (job / run_folder.TRAINED_FILE).write_text(json.dumps({"seconds": 1.0}))
+    (job / run_folder.METRICS_FILE).write_text(json.dumps({"test_accuracy": 0.9}))
+    (job / run_folder.EPOCH_LOG_FILE).write_text('{"epoch": 0, "val_accuracy": 0.5}\n{"epoch": 1, "val_accuracy": 0.7}\n')
+    return config
+
+
+@pytest.mark.parametrize("name, removed, message", [
+    (run_folder.CONFIG_FILE, (), "delete it and rerun"),
+    (run_folder.METRICS_FILE, (), "delete it and rerun: the run's best weights are evaluated and exported again"),
+    (run_folder.TRAINED_FILE, (run_folder.METRICS_FILE,), "replace it with {} to evaluate and export"),
+    (run_folder.EPOCH_LOG_FILE, (run_folder.METRICS_FILE,), "line 2"),
+])
+def test_a_run_file_cut_short_is_named_in_the_error(tmp_path, pixels_dir, capsys, name, removed, message):
+    job = tmp_path / "run"
+    config = _finished_run(job, pixels_dir)
+    for other in removed:  # so that the rerun gets as far as reading `name`
+        (job / other).unlink()
+    text = (job / name).read_text()
+    (job / name).write_text(text[:len(text) - 8])  # a kill mid-write
+    assert train.main(fx.trainer_argv(config.data, config.job_dir)) == 1
+    err = capsys.readouterr().err
+    assert f"error: {job / name}" in err and "is not valid JSON" in err and message in err, err

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import hypertune_report
-from trainer.run_folder import BACKUP_DIR, BEST_WEIGHTS, EPOCH_LOG_FILE, LOGS_DIR
+from trainer.run_folder import BACKUP_DIR, BEST_WEIGHTS, EPOCH_LOG_FILE, LOGS_DIR, write_whole
 
 MONITOR = "val_accuracy"
 BACKUP_SAVE_FREQ = "epoch"  # BackupAndRestore's: train.restored_epochs reads its checkpoint the same way
@@ -29,9 +29,13 @@ def read_epoch_log(job_dir: str) -> list[dict]:
         return []
     by_epoch = {}
     with tf.io.gfile.GFile(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                entry = json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON at line {number} ({e}); delete that line and rerun "
+                                     f"(the epoch is trained again unless the backup holds it)") from None
                 by_epoch[entry["epoch"]] = entry
     return [by_epoch[k] for k in sorted(by_epoch)]
 
@@ -59,12 +63,9 @@ class EpochLog(keras.callbacks.Callback):
             if MONITOR in logs:  # lets Vertex AI stop an unpromising tuning trial early (no-op elsewhere)
                 hypertune_report.report_metric(logs[MONITOR], epoch + 1)
             line = json.dumps({"epoch": epoch, "pid": os.getpid(), **logs}) + "\n"
-            # GFile has no append on every filesystem: rewrite the small file, then rename it into
-            # place, so a kill -9 mid-write leaves the old log rather than half a line.
+            # GFile has no append on every filesystem: the small file is written again, whole.
             old = tf.io.gfile.GFile(self.path).read() if tf.io.gfile.exists(self.path) else ""
-            with tf.io.gfile.GFile(self.path + ".tmp", "w") as f:
-                f.write(old + line)
-            tf.io.gfile.rename(self.path + ".tmp", self.path, overwrite=True)
+            write_whole(self.path, old + line)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

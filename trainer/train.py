@@ -27,7 +27,7 @@ from shared import layout, metadata
 from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots,
                      strategy as strategy_lib)
 from trainer.run_folder import (BACKUP_DIR, BEST_WEIGHTS, CONFIG_FILE, CURVES_FILE, EPOCH_LOG_FILE, EXPORT_DIR,
-                                HISTORY_FILE, METRICS_FILE, TRAINED_FILE)
+                                HISTORY_FILE, METRICS_FILE, TRAINED_FILE, read_json, write_json)
 
 TPU_STEPS_PER_EXECUTION = 32  # the book's value: batches sent to the TPU per call
 
@@ -104,8 +104,8 @@ def _refuse_other_flags(config: config_lib.TrainConfig, what: str) -> None:
     path = os.path.join(config.job_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return
-    with tf.io.gfile.GFile(path) as f:
-        old = _comparable_flags(json.load(f).get("flags", {}))
+    old = _comparable_flags(read_json(path, "delete it and rerun the same command, which writes it again "
+                                            "(without comparing flags with the old run)").get("flags", {}))
     changed = {k: (old.get(k), v) for k, v in _comparable_flags(dataclasses.asdict(config)).items() if old.get(k) != v}
     if changed:
         raise ValueError(f"{config.job_dir} holds {what} with other flags (old, new): {changed}; "
@@ -121,11 +121,8 @@ def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: b
         return
     try:
         tf.io.gfile.makedirs(config.job_dir)
-        # Renamed into place: a resuming chief rewrites it while the other workers read it, and a
-        # truncated config.json (a torn read, or a kill mid-write) is a JSON error on every rerun.
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            f.write(json.dumps({"flags": dataclasses.asdict(config), "resolved": resolved}, indent=2) + "\n")
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        # Whole: a resuming chief rewrites it while the other workers read it.
+        write_json(path, {"flags": dataclasses.asdict(config), "resolved": resolved})
     except tf.errors.OpError as e:  # a path under a file, a read-only folder, a bucket without write access
         raise ValueError(f"--job_dir {config.job_dir} cannot be written ({type(e).__name__}: {e.message}); "
                          f"give a folder this process can create and write") from None
@@ -184,8 +181,7 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     if tf.io.gfile.exists(metrics_path) and tf.io.gfile.exists(os.path.join(config.job_dir, EXPORT_DIR, "saved_model.pb")):
         # Every worker sees this, so none of them starts training alone (it would wait for the others).
         _refuse_other_flags(config, "a finished run")  # new flags silently ignored would look like a result
-        with tf.io.gfile.GFile(metrics_path) as f:
-            metrics = json.load(f)
+        metrics = read_json(metrics_path, "delete it and rerun: the run's best weights are evaluated and exported again")
         logging.info("%s is a finished run with these flags; its metrics: %s", config.job_dir, json.dumps(metrics))
         return metrics if placement.is_chief else {}
 
@@ -219,7 +215,10 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
         # did not load): BackupAndRestore has deleted its backup, so without this the rerun would
         # train again from scratch.
         _refuse_other_flags(config, "a trained run")
-        logging.info("%s was trained (%s); evaluating and exporting its best weights", config.job_dir, TRAINED_FILE)
+        trained = read_json(trained_path, "replace it with {} to evaluate and export the trained weights, "
+                                          "or delete it to train again")
+        logging.info("%s was trained (%s: %s); evaluating and exporting its best weights", config.job_dir,
+                     TRAINED_FILE, json.dumps(trained))
         return _evaluate_and_export(config, meta, spec, resolved, embedder) if placement.is_chief else {}
     _prepare_job_dir(config, resolved, resuming, placement.is_chief)
     done_epochs = restored_epochs(config.job_dir, steps_per_epoch) if resuming else 0
@@ -246,8 +245,7 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     logging.info("training took %.1f s", time.time() - start)
     if not placement.is_chief:
         return {}
-    with tf.io.gfile.GFile(trained_path, "w") as f:
-        f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+    write_json(trained_path, {"seconds": round(time.time() - start, 1)})
     return _evaluate_and_export(config, meta, spec, resolved, embedder)
 
 
@@ -265,8 +263,7 @@ def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetM
     warning = chance_warning(metrics.get("val_accuracy"), len(meta.class_names))
     if warning:  # exported anyway: the run did what it was asked, and the numbers are in metrics.json
         logging.warning("%s", warning)
-    with tf.io.gfile.GFile(os.path.join(config.job_dir, HISTORY_FILE), "w") as f:
-        f.write(json.dumps(history, indent=2) + "\n")
+    write_json(os.path.join(config.job_dir, HISTORY_FILE), history)
     plots.plot_training_curves(history, os.path.join(config.job_dir, CURVES_FILE),
                                title=f"{spec.kind} on {meta.form} ({os.path.basename(config.data.rstrip('/'))})")
     with tf.io.gfile.GFile(layout.join(config.data, layout.METADATA_FILE)) as f:
@@ -277,8 +274,7 @@ def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetM
     # The trial's result under Vertex AI tuning (a no-op elsewhere): the exported weights' accuracy.
     hypertune_report.report_metric(metrics.get("val_accuracy", float("nan")), metrics["epochs_run"])
     # metrics.json last: its presence (with the export) marks a finished run.
-    with tf.io.gfile.GFile(metrics_path, "w") as f:
-        f.write(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics_path, metrics)
     logging.info("metrics of the exported weights: %s", json.dumps(metrics))
     return metrics
 

@@ -279,8 +279,19 @@ def _evaluate_and_export(config: config_lib.TrainConfig, meta: metadata.DatasetM
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
+    """The project's INFO lines and every library's warnings on stderr, once each, but not absl's INFO
+    lines: TensorFlow's checkpoint code writes one at every save ("Sharding callback duration: 8
+    microseconds"), so two per epoch, and the SavedModel writer one per renamed input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    tf_logger = tf.get_logger()  # it has a handler of its own and also passes its lines to the root's
+    for handler in list(tf_logger.handlers):
+        tf_logger.removeHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     config = config_lib.parse_config(argv)
     logging.info("config: %s", config.to_json().replace("\n", " "))
     try:

@@ -1,7 +1,8 @@
 """Tiny datasets for the trainer's tests, written straight through the shared schema (no Beam).
 
 `write_dataset` makes what the ETL makes (shards named by shared.layout, a metadata.json from
-shared.metadata, pixels from shared.preprocess), small enough to train on in seconds.
+shared.metadata whose preprocessing the ETL's describe_preprocessing writes, pixels from
+shared.preprocess), small enough to train on in seconds.
 The images are learnable: each class has its own dominant colour and a stripe in its own place.
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ def write_dataset(out_dir: str, items: list[tuple[str, int]], form: str, image_s
     """Writes shards + metadata.json for `form`; returns the DatasetMetadata."""
     import tensorflow as tf
 
+    from etl import embeddings, pipeline
+    from etl.options import EtlConfig
     from shared import layout, metadata, preprocess, schema
 
     shards_per_split = shards_per_split or {"train": 2, "valid": 1, "test": 1}
@@ -109,11 +112,10 @@ def write_dataset(out_dir: str, items: list[tuple[str, int]], form: str, image_s
             body = open(full, "rb").read()
             shards.append(metadata.ShardInfo(name, len(part), len(body), hashlib.sha256(body).hexdigest()))
         splits[split] = metadata.SplitInfo(len(records), tuple(shards))
-    preprocessing = dict(preprocess.DESCRIPTION)
-    if form == "pixels":
-        preprocessing["image_size"] = image_size
-    if form == "embeddings":
-        preprocessing.update({"module": module_handle, "input_size": image_size, "output_size": embedding_size})
+    # The ETL's own description, so a key the trainer reads (the module, its input size) cannot drift.
+    etl_config = EtlConfig(input="tests/trainer_fixtures.py", output=out_dir, form=form, image_size=image_size)
+    module_info = embeddings.ModuleInfo(module_handle, image_size, embedding_size) if form == "embeddings" else None
+    preprocessing = pipeline.describe_preprocessing(etl_config, module_info)
     meta = metadata.DatasetMetadata(schema_version=schema.SCHEMA_VERSION, form=form, class_names=tuple(class_names),
                                     features=features, preprocessing=preprocessing, splits=splits,
                                     extra={"input": "tests/trainer_fixtures.py"})

@@ -6,6 +6,7 @@ Its folder semantics differ from GCS's in ways the code must not depend on: `exi
 are true for any string prefix of a stored name, and a folder rename moves only the folder's name.
 """
 import json
+import logging
 import os
 import uuid
 
@@ -62,7 +63,7 @@ def ram_root():
 
 
 def test_train_resume_export_predict_and_bytes_only_copy_with_every_path_on_ram(tmp_path, ram_root, monkeypatch,
-                                                                                capsys):
+                                                                                capsys, caplog):
     images = fx.make_image_files(str(tmp_path / "images"), per_class=6)
     fx.write_dataset(str(tmp_path / "pixels"), images, "pixels")
     data, job = ram_root + "/data", ram_root + "/run"
@@ -79,7 +80,9 @@ def test_train_resume_export_predict_and_bytes_only_copy_with_every_path_on_ram(
     assert [e["epoch"] for e in callbacks.read_epoch_log(job)] == [0]
     assert train.restored_epochs(job, steps_per_epoch=1) == 1
 
-    metrics = train.train_and_export(config)  # the rerun resumes at epoch 2
+    caplog.set_level(logging.INFO)
+    metrics = train.train_and_export(config)
+    assert "backup holds 1 epoch(s): resuming the interrupted run" in caplog.text
     entries = callbacks.read_epoch_log(job)
     assert [e["epoch"] for e in entries] == [0, 1] and metrics["epochs_run"] == 2
     export_dir = job + "/" + run_folder.EXPORT_DIR

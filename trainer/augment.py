@@ -57,20 +57,29 @@ class RandomHorizontalFlip(keras.layers.Layer):
         return tf.where(flip, tf.reverse(images, axis=[2]), images)
 
 
-class RandomColorDistortion(keras.layers.Layer):
-    """Per-image contrast factor in CONTRAST_RANGE and brightness shift in +-BRIGHTNESS_DELTA, clipped to [0, 1].
+def distort_colors(images: tf.Tensor, contrast: tf.Tensor, brightness: tf.Tensor) -> tf.Tensor:
+    """[N, H, W, C] with per-image factors [N, 1, 1, 1]: tf.image.adjust_contrast's arithmetic (about
+    each channel's mean), then adjust_brightness's, clipped to [0, 1], for a whole batch at once."""
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    return tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 1.0)
 
-    The same arithmetic as tf.image.adjust_contrast (about each channel's mean) and adjust_brightness.
-    """
+
+def random_color_distortion(images: tf.Tensor) -> tf.Tensor:
+    """[N, H, W, C] -> the same with a contrast factor in CONTRAST_RANGE and a brightness shift in
+    +-BRIGHTNESS_DELTA drawn per image."""
+    n = tf.shape(images)[0]
+    contrast = tf.random.uniform([n, 1, 1, 1], *CONTRAST_RANGE)
+    brightness = tf.random.uniform([n, 1, 1, 1], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)
+    return distort_colors(images, contrast, brightness)
+
+
+class RandomColorDistortion(keras.layers.Layer):
+    """random_color_distortion in training; the identity otherwise."""
 
     def call(self, images, training=None):
         if not training:
             return images
-        n = tf.shape(images)[0]
-        contrast = tf.random.uniform([n, 1, 1, 1], *CONTRAST_RANGE)
-        brightness = tf.random.uniform([n, 1, 1, 1], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)
-        mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-        return tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 1.0)
+        return random_color_distortion(images)
 
 
 def make_augmentation_layers(input_size: int, model_size: int, with_flip: bool,

@@ -92,11 +92,13 @@ def best_so_far(previous: list[dict]) -> float | None:
     return max(values) if values else None
 
 
-def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs: int) -> list[keras.callbacks.Callback]:
+def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs: int,
+                   profile_batches: tuple[int, int] | None = None) -> list[keras.callbacks.Callback]:
     """Backup (resume after a crash), best checkpoint, early stopping, TensorBoard, epoch log.
 
     `restored_epochs`: how many epochs the backup holds (0 for a new run); early stopping and the
-    best checkpoint are seeded with those epochs' log lines only.
+    best checkpoint are seeded with those epochs' log lines only. `profile_batches`: the training
+    steps (first, last) that TensorBoard's profiler records, or None.
 
     Under multi-worker, Keras's own callbacks write the non-chief workers' copies to temporary
     folders that it deletes; our epoch log is written by the chief only, and every worker seeds
@@ -111,18 +113,30 @@ def make_callbacks(job_dir: str, patience: int, is_chief: bool, restored_epochs:
                                         save_best_only=True, save_weights_only=True,
                                         initial_value_threshold=best_so_far(previous)),
         ResumableEarlyStopping(patience, previous),
-        *make_tensorboard_callback(job_dir),
+        *make_tensorboard_callback(job_dir, profile_batches),
         EpochLog(job_dir, write=is_chief),
         keras.callbacks.BackupAndRestore(os.path.join(job_dir, BACKUP_DIR), save_freq=BACKUP_SAVE_FREQ),
     ]
 
 
-def make_tensorboard_callback(job_dir: str) -> list[keras.callbacks.Callback]:
+def make_tensorboard_callback(job_dir: str, profile_batches: tuple[int, int] | None = None
+                              ) -> list[keras.callbacks.Callback]:
     """[TensorBoard(<job_dir>/logs)], or [] with a warning when the tensorboard package is absent
-    (TF 2.21 no longer installs it, and tf.summary then fails at the first epoch)."""
+    (TF 2.21 no longer installs it, and tf.summary then fails at the first epoch).
+
+    `profile_batches` (first, last): the profiler traces those training steps, counted from 1 at the
+    start of this process's training, into logs/plugins/profile/<time>/*.xplane.pb; TensorBoard's
+    Profile tab shows them once `tensorboard-plugin-profile` is installed beside it.
+    """
     try:
         import tensorboard  # noqa: F401
     except ImportError:
+        if profile_batches:
+            raise ValueError("--profile_batches writes TensorBoard's profile, and tensorboard is not installed: "
+                             "pip install tensorboard, or drop --profile_batches") from None
         logging.warning("tensorboard is not installed: no %s/logs (pip install tensorboard)", job_dir)
         return []
-    return [keras.callbacks.TensorBoard(os.path.join(job_dir, LOGS_DIR), profile_batch=0)]
+    if profile_batches:
+        logging.info("profiling training steps %d to %d into %s", *profile_batches,
+                     os.path.join(job_dir, LOGS_DIR, "plugins", "profile"))
+    return [keras.callbacks.TensorBoard(os.path.join(job_dir, LOGS_DIR), profile_batch=profile_batches or 0)]

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Sequence
 
 from shared.hub_handles import MOBILENET_V2_FEATURE_VECTOR
@@ -39,6 +40,9 @@ class TrainConfig:
     image_size: int = 224  # model input size for the jpeg form (pixels: the sidecar's)
     cache: bool = False  # cache parsed records in memory (small datasets only)
     seed: int = 42  # file order, shuffles, initialisation
+    grayscale: bool = False  # one channel at the model's input (trainer.grayscale), in the export too
+    pattern: str = ""  # train on the shards whose file names match *PATTERN (the book's smoke test); "" = all
+    profile_batches: str = ""  # "A,B": TensorBoard's profiler over training steps A..B; "" = off
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -91,7 +95,48 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=parse_bool, nargs="?", const=True, default=defaults.cache,
                    help="cache parsed records in memory (small datasets only)")
     p.add_argument("--seed", type=whole_number, default=defaults.seed, help="file order, shuffles, initialisation")
+    p.add_argument("--grayscale", type=parse_bool, default=defaults.grayscale,
+                   help="convert images to one grayscale channel at the model's input (the export does it too); "
+                        "for documents and digits")
+    p.add_argument("--pattern", default=defaults.pattern,
+                   help="train, validate and test on the shards whose file names match *PATTERN (fnmatch), e.g. "
+                        "'-00000-*' for a smoke test; empty: every shard")
+    p.add_argument("--profile_batches", type=step_range, default=defaults.profile_batches, metavar="A,B",
+                   help="profile training steps A to B with TensorBoard's profiler (logs/plugins/profile); "
+                        "empty: off")
     return p
+
+
+def step_range(text: str) -> str:
+    """'A,B' (or 'A') with 1 <= A <= B, normalised to 'A,B'; '' stays '' (off)."""
+    if not text.strip():
+        return ""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        first, last = 0, -1
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"expected steps A,B with 1 <= A <= B (e.g. 10,20), got {text!r}")
+    return f"{first},{last}"
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """The (first, last) steps of --profile_batches, or None when profiling is off."""
+    return tuple(int(p) for p in text.split(",")) if text else None
+
+
+def join_dash_values(argv: Sequence[str] | None) -> list[str]:
+    """`--pattern -00000-*` -> `--pattern=-00000-*`: argparse takes a separate value that starts with
+    '-' for an option and fails, and the book's smoke-test pattern starts with one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for token in argv:
+        if out and out[-1] == "--pattern" and token.startswith("-") and not token.startswith("--"):
+            out[-1] = f"--pattern={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def whole_number(text: str) -> int:
@@ -113,7 +158,7 @@ def whole_number(text: str) -> int:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parses and validates flags; a value out of range is an error that names the flag."""
     parser = make_arg_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(argv))
     config = TrainConfig(**vars(args))
     problems = []
     if config.batch_size <= 0:

@@ -1,4 +1,4 @@
-"""The classifiers: augmentation layers, then linear / dnn / frozen TF Hub feature extractor, then softmax.
+"""The classifiers: [grayscale,] augmentation layers, then linear / dnn / TF Hub feature extractor, then softmax.
 
 Keras here is `tf_keras` (Keras 2), not Keras 3: under TF 2.21 with Keras 3, `fit` under
 MultiWorkerMirroredStrategy fails ("Attempt to convert a value (PerReplica...)",
@@ -11,7 +11,7 @@ import dataclasses
 
 import tf_keras as keras
 
-from trainer import augment
+from trainer import augment, grayscale
 
 EMBEDDINGS_HEAD = "embeddings_head"  # the model name recorded for the embeddings form
 
@@ -30,6 +30,7 @@ class ModelSpec:
     with_flip: bool = True
     with_color_distort: bool = True
     hub_handle: str = ""
+    grayscale: bool = False  # trainer.grayscale.Grayscale right after the input
 
 
 def _regularizer(spec: ModelSpec):
@@ -56,7 +57,7 @@ def build_model(spec: ModelSpec) -> keras.Model:
         x = keras.layers.Dense(spec.num_hidden, activation="relu", kernel_regularizer=reg, name="hidden")(inputs)
     else:
         inputs = keras.Input(shape=(spec.input_size, spec.input_size, 3), name="image")
-        x = inputs
+        x = grayscale.Grayscale(name="grayscale")(inputs) if spec.grayscale else inputs
         for layer in augment.make_augmentation_layers(spec.input_size, spec.model_size, spec.with_flip,
                                                       spec.with_color_distort):
             x = layer(x)
@@ -67,6 +68,8 @@ def build_model(spec: ModelSpec) -> keras.Model:
             x = keras.layers.Dense(spec.num_hidden, activation="relu", kernel_regularizer=reg, name="hidden")(x)
         elif spec.kind == "mobilenet":
             hub_layer = load_hub_layer(spec.hub_handle)
+            if spec.grayscale:  # the module takes RGB: the gray channel three times
+                x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
             try:
                 x = hub_layer(x)
             except (TypeError, ValueError) as e:  # a module with a static input size (MobileNet: 224) refuses others

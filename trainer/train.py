@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from shared import layout, metadata
-from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots,
+from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots, shard_pattern,
                      strategy as strategy_lib)
 from trainer.run_folder import (BACKUP_DIR, BEST_WEIGHTS, CONFIG_FILE, CURVES_FILE, EPOCH_LOG_FILE, EXPORT_DIR,
                                 HISTORY_FILE, METRICS_FILE, TRAINED_FILE, read_json, write_json)
@@ -37,6 +37,9 @@ def resolve_model_spec(config: config_lib.TrainConfig, meta: metadata.DatasetMet
     common = dict(num_classes=len(meta.class_names), num_hidden=config.num_hidden, l1=config.l1, l2=config.l2,
                   hub_handle=config.hub_handle)
     if meta.form == "embeddings":
+        if config.grayscale:
+            raise ValueError("--grayscale converts images at the model's input; the embeddings form's model takes "
+                             "the module's vectors: train on the jpeg or pixels form, or drop --grayscale")
         if config.model != "dnn":
             logging.warning("--model %s ignored: the embeddings form always trains a dense head", config.model)
         return models.ModelSpec(models.EMBEDDINGS_HEAD, input_size=None, model_size=None,
@@ -48,7 +51,7 @@ def resolve_model_spec(config: config_lib.TrainConfig, meta: metadata.DatasetMet
         logging.warning("--image_size %d ignored: the pixels form's images are %d px (the sidecar's), and the model "
                         "sees %d px crops of them (--crop_ratio %g); re-run the ETL with --image_size to change it",
                         config.image_size, input_size, model_size, config.crop_ratio)
-    return models.ModelSpec(config.model, input_size=input_size, model_size=model_size,
+    return models.ModelSpec(config.model, input_size=input_size, model_size=model_size, grayscale=config.grayscale,
                             with_flip=config.with_flip, with_color_distort=config.with_color_distort, **common)
 
 
@@ -106,6 +109,8 @@ def _refuse_other_flags(config: config_lib.TrainConfig, what: str) -> None:
         return
     old = _comparable_flags(read_json(path, "delete it and rerun the same command, which writes it again "
                                             "(without comparing flags with the old run)").get("flags", {}))
+    # A flag added after the run started is absent from its config.json: it ran with the default.
+    old = dataclasses.asdict(config_lib.TrainConfig(data="", job_dir="")) | old
     changed = {k: (old.get(k), v) for k, v in _comparable_flags(dataclasses.asdict(config)).items() if old.get(k) != v}
     if changed:
         raise ValueError(f"{config.job_dir} holds {what} with other flags (old, new): {changed}; "
@@ -185,7 +190,7 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
         logging.info("%s is a finished run with these flags; its metrics: %s", config.job_dir, json.dumps(metrics))
         return metrics if placement.is_chief else {}
 
-    meta = ingest.load_dataset_metadata(config.data)
+    meta = shard_pattern.select_shards(ingest.load_dataset_metadata(config.data), config.pattern, config.data)
     spec = resolve_model_spec(config, meta)
     # The export puts the ETL's module in front of the model: loaded now, so that one that does not
     # load (a URL offline, a path relative to another folder) stops the run before training, not after.
@@ -205,6 +210,8 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
                 "num_classes": spec.num_classes, "steps_per_epoch": steps_per_epoch,
                 "virtual_epoch_examples": steps_per_epoch * config.batch_size,
                 "train_examples_in_data": meta.splits["train"].num_examples}
+    if config.pattern:
+        resolved["pattern_shards_and_examples"] = shard_pattern.describe(meta)
     logging.info("strategy %s: global batch size %d = %d replicas x %d per replica, %d worker(s)",
                  placement.name, config.batch_size, placement.num_replicas, resolved["per_replica_batch_size"],
                  placement.shard.num_workers)
@@ -239,7 +246,8 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     with placement.strategy.scope():
         model = models.build_model(spec)
         models.compile_model(model, config.lrate, TPU_STEPS_PER_EXECUTION if on_tpu else 1)
-    cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, done_epochs)
+    cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, done_epochs,
+                                   profile_batches=config_lib.profile_range(config.profile_batches))
     start = time.time()
     _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta)
     logging.info("training took %.1f s", time.time() - start)

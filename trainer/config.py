@@ -42,6 +42,11 @@ class TrainConfig:
     seed: int = 42  # file order, shuffles, initialisation
     grayscale: bool = False  # one channel at the model's input (trainer.grayscale), in the export too
     pattern: str = ""  # train on the shards whose file names match *PATTERN (the book's smoke test); "" = all
+    warm_start: str = ""  # an earlier run folder: start from its best weights (trainer.warm_start)
+    allow_class_change: bool = False  # with warm_start: a class list other than that run's
+    fine_tune_layers: int = 0  # mobilenet: unfreeze the module's top N layers after the head (trainer.fine_tune)
+    fine_tune_lrate: float = 0.0001  # a tenth of --lrate's default: small steps keep the pretrained features
+    fine_tune_epochs: int = 5  # most epochs of the fine-tuning stage; early stopping may end sooner
     profile_batches: str = ""  # "A,B": TensorBoard's profiler over training steps A..B; "" = off
 
     def to_json(self) -> str:
@@ -101,6 +106,19 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=defaults.pattern,
                    help="train, validate and test on the shards whose file names match *PATTERN (fnmatch), e.g. "
                         "'-00000-*' for a smoke test; empty: every shard")
+    p.add_argument("--warm_start", default=defaults.warm_start, metavar="RUN_DIR",
+                   help="start from the best weights of this earlier run folder; its config.json gives the model "
+                        "flags not given here")
+    p.add_argument("--allow_class_change", type=parse_bool, default=defaults.allow_class_change,
+                   help="with --warm_start: train on a class list other than that run's, keeping the output weights "
+                        "of the classes both lists name and initialising the others")
+    p.add_argument("--fine_tune_layers", type=whole_number, default=defaults.fine_tune_layers, metavar="N",
+                   help="mobilenet: after training the head with the module frozen, unfreeze the module's top N "
+                        "layers and go on training at --fine_tune_lrate (batch-norm statistics stay frozen); 0 = never")
+    p.add_argument("--fine_tune_lrate", type=float, default=defaults.fine_tune_lrate,
+                   help="Adam learning rate of the fine-tuning stage")
+    p.add_argument("--fine_tune_epochs", type=whole_number, default=defaults.fine_tune_epochs,
+                   help="most epochs of the fine-tuning stage; early stopping may end sooner")
     p.add_argument("--profile_batches", type=step_range, default=defaults.profile_batches, metavar="A,B",
                    help="profile training steps A to B with TensorBoard's profiler (logs/plugins/profile); "
                         "empty: off")
@@ -137,6 +155,16 @@ def join_dash_values(argv: Sequence[str] | None) -> list[str]:
         else:
             out.append(token)
     return out
+
+
+def given_flags(argv: Sequence[str] | None = None) -> frozenset[str]:
+    """The destinations of the flags `argv` sets explicitly (a default is not "given"): a warm start
+    takes the model flags that are not given from the earlier run."""
+    argv = join_dash_values(argv)
+    parser = make_arg_parser()
+    unset = object()
+    parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args(argv))})
+    return frozenset(dest for dest, value in vars(parser.parse_args(argv)).items() if value is not unset)
 
 
 def whole_number(text: str) -> int:
@@ -181,6 +209,17 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         problems.append(f"--image_size must be at least 32, got {config.image_size}")
     if config.patience < 0:
         problems.append(f"--patience must be >= 0, got {config.patience}")
+    if config.fine_tune_layers < 0:
+        problems.append(f"--fine_tune_layers must be >= 0, got {config.fine_tune_layers}")
+    if not 0 < config.fine_tune_lrate < math.inf:
+        problems.append(f"--fine_tune_lrate must be a positive number, got {config.fine_tune_lrate}")
+    if config.fine_tune_epochs <= 0:
+        problems.append(f"--fine_tune_epochs must be positive, got {config.fine_tune_epochs}")
+    if config.allow_class_change and not config.warm_start:
+        problems.append("--allow_class_change applies to a --warm_start; give the run folder to start from")
+    if config.warm_start and config.warm_start.rstrip("/") == config.job_dir.rstrip("/"):
+        problems.append(f"--warm_start {config.warm_start} is the --job_dir itself; rerunning a run folder resumes "
+                        f"it: drop --warm_start, or give a new --job_dir")
     if not 0 <= config.seed < 2**32:
         problems.append(f"--seed must be in [0, 2**32), got {config.seed}")
     # tf.train.latest_checkpoint and the checkpoint reader match the path as a glob pattern: '*' and '?'

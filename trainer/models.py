@@ -31,6 +31,7 @@ class ModelSpec:
     with_color_distort: bool = True
     hub_handle: str = ""
     grayscale: bool = False  # trainer.grayscale.Grayscale right after the input
+    fine_tune_layers: int = 0  # mobilenet: the module's top layers that train (trainer.fine_tune)
 
 
 def _regularizer(spec: ModelSpec):
@@ -38,12 +39,20 @@ def _regularizer(spec: ModelSpec):
 
 
 def load_hub_layer(handle: str, name: str = "hub_feature_extractor",
-                   advice: str = "without network access pass a local SavedModel path with --hub_handle"):
-    """A frozen `hub.KerasLayer`; a handle that does not load is a ValueError that ends with `advice`."""
+                   advice: str = "without network access pass a local SavedModel path with --hub_handle",
+                   fine_tune_layers: int = 0):
+    """A frozen `hub.KerasLayer` (with `fine_tune_layers`, one whose top layers train: trainer.fine_tune);
+    a handle that does not load is a ValueError that ends with `advice`."""
     import tensorflow_hub as hub
 
+    from trainer import fine_tune
+
     try:
+        if fine_tune_layers:
+            return fine_tune.FineTunedHubLayer(handle, fine_tune_layers, name=name)
         return hub.KerasLayer(handle, trainable=False, name=name)
+    except fine_tune.FineTuneError:
+        raise  # names the module's layers already
     except Exception as e:
         raise ValueError(f"cannot load the TF Hub module {handle!r} ({type(e).__name__}: {str(e)[:300]}); "
                          f"{advice}") from None
@@ -67,7 +76,7 @@ def build_model(spec: ModelSpec) -> keras.Model:
             x = keras.layers.Flatten(name="flatten")(x)
             x = keras.layers.Dense(spec.num_hidden, activation="relu", kernel_regularizer=reg, name="hidden")(x)
         elif spec.kind == "mobilenet":
-            hub_layer = load_hub_layer(spec.hub_handle)
+            hub_layer = load_hub_layer(spec.hub_handle, fine_tune_layers=spec.fine_tune_layers)
             if spec.grayscale:  # the module takes RGB: the gray channel three times
                 x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
             try:

@@ -10,6 +10,7 @@ loads TensorFlow only inside its file functions, so the tuner and cloud tools ca
   trained.json       training finished (evaluation and export may not have)
   metrics.json       validation and test accuracy of the exported weights
   export/            the SavedModel (trainer.export; its files: trainer.serving.contract)
+  head/              --fine_tune_layers: the head-only first stage, a run folder of its own
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ CURVES_FILE = "training_curves.png"
 TRAINED_FILE = "trained.json"  # written when fit returns: a rerun goes straight to evaluation and export
 METRICS_FILE = "metrics.json"  # written last: with the export, it marks a finished run
 EXPORT_DIR = "export"
+HEAD_STAGE_DIR = "head"  # trainer.fine_tune: the first stage warm-starts the run from here
 
 
 def write_whole(path: str, text: str) -> None:

@@ -24,8 +24,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from shared import layout, metadata
-from trainer import (callbacks, config as config_lib, export, hypertune_report, ingest, models, plots, shard_pattern,
-                     strategy as strategy_lib)
+from trainer import (callbacks, config as config_lib, export, fine_tune, hypertune_report, ingest, models, plots,
+                     shard_pattern, strategy as strategy_lib, warm_start)
 from trainer.run_folder import (BACKUP_DIR, BEST_WEIGHTS, CONFIG_FILE, CURVES_FILE, EPOCH_LOG_FILE, EXPORT_DIR,
                                 HISTORY_FILE, METRICS_FILE, TRAINED_FILE, read_json, write_json)
 
@@ -35,7 +35,8 @@ TPU_STEPS_PER_EXECUTION = 32  # the book's value: batches sent to the TPU per ca
 def resolve_model_spec(config: config_lib.TrainConfig, meta: metadata.DatasetMetadata) -> models.ModelSpec:
     """Model kind and shapes from the flags and the sidecar (no shape is typed twice)."""
     common = dict(num_classes=len(meta.class_names), num_hidden=config.num_hidden, l1=config.l1, l2=config.l2,
-                  hub_handle=config.hub_handle)
+                  hub_handle=config.hub_handle, fine_tune_layers=config.fine_tune_layers)
+    fine_tune.check_fine_tune(config, models.EMBEDDINGS_HEAD if meta.form == "embeddings" else config.model)
     if meta.form == "embeddings":
         if config.grayscale:
             raise ValueError("--grayscale converts images at the model's input; the embeddings form's model takes "
@@ -136,9 +137,9 @@ def _prepare_job_dir(config: config_lib.TrainConfig, resolved: dict, resuming: b
         tf.io.gfile.remove(log_path)  # a previous run that finished training but not its export
 
 
-def _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta):
+def _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta, epochs):
     try:
-        return model.fit(train_ds, validation_data=valid_ds, epochs=config.num_epochs,
+        return model.fit(train_ds, validation_data=valid_ds, epochs=epochs,
                          steps_per_epoch=steps_per_epoch, callbacks=cbs, verbose=2)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
         bad = ingest.find_corrupt_shards(meta, config.data, ("train", "valid"))
@@ -174,12 +175,14 @@ def evaluate_best(spec: models.ModelSpec, meta: metadata.DatasetMetadata, config
     return model, metrics
 
 
-def train_and_export(config: config_lib.TrainConfig) -> dict:
+def train_and_export(config: config_lib.TrainConfig, placement: strategy_lib.Placement | None = None) -> dict:
     """Trains per `config`, exports the best weights to `<job_dir>/export`, returns the metrics.
 
     On a non-chief worker it trains and returns {} (the chief measures, writes and exports).
+    `placement`: the strategy already made in this process (a fine-tuning run's second stage).
     """
-    placement = strategy_lib.get_strategy(config.strategy)  # first: multi-worker must start before other TF work
+    # First: multi-worker must start before other TF work.
+    placement = placement or strategy_lib.get_strategy(config.strategy)
     if tf.io.gfile.exists(config.job_dir) and not tf.io.gfile.isdir(config.job_dir):
         raise ValueError(f"--job_dir {config.job_dir} is a file; give a folder (it is created if missing)")
     metrics_path = os.path.join(config.job_dir, METRICS_FILE)
@@ -198,6 +201,14 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     if config.batch_size % placement.num_replicas:
         raise ValueError(f"Batch size ({config.batch_size}) must be divisible by the number of replicas "
                          f"({placement.num_replicas}) of strategy {placement.name}")
+    warm_source = config.warm_start
+    if config.fine_tune_layers and not warm_source:
+        fine_tune.check_module_layers(config.hub_handle, config.fine_tune_layers)
+        head = fine_tune.head_stage_config(config)
+        logging.info("fine-tuning: first the head, with the module frozen, in %s", head.job_dir)
+        train_and_export(head, placement)
+        warm_source = head.job_dir
+    lrate, num_epochs = fine_tune.stage_schedule(config)
     num_train = config.num_training_examples or meta.splits["train"].num_examples
     steps_per_epoch = max(1, num_train // config.batch_size)
     on_tpu = placement.name == "tpu"
@@ -209,7 +220,8 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
                 "input_size": spec.input_size, "model_size": spec.model_size, "embedding_size": spec.embedding_size,
                 "num_classes": spec.num_classes, "steps_per_epoch": steps_per_epoch,
                 "virtual_epoch_examples": steps_per_epoch * config.batch_size,
-                "train_examples_in_data": meta.splits["train"].num_examples}
+                "train_examples_in_data": meta.splits["train"].num_examples, "lrate": lrate, "num_epochs": num_epochs,
+                "class_names": list(meta.class_names)}
     if config.pattern:
         resolved["pattern_shards_and_examples"] = shard_pattern.describe(meta)
     logging.info("strategy %s: global batch size %d = %d replicas x %d per replica, %d worker(s)",
@@ -217,6 +229,12 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
                  placement.shard.num_workers)
     logging.info("resolved: %s", json.dumps(resolved))
     trained_path = os.path.join(config.job_dir, TRAINED_FILE)
+    warm = None
+    if warm_source and not (resuming or tf.io.gfile.exists(trained_path)):
+        warm = warm_start.plan(config, spec, meta, resolved, warm_source)
+        resolved["warm_start"] = warm.describe()
+    elif warm_source:  # this run's own state takes over: the earlier run is not read again
+        resolved["warm_start"] = warm_start.recorded_start(config.job_dir)
     if tf.io.gfile.exists(trained_path):
         # Training finished but evaluation or export failed (a corrupt test shard, a hub module that
         # did not load): BackupAndRestore has deleted its backup, so without this the rerun would
@@ -245,11 +263,13 @@ def train_and_export(config: config_lib.TrainConfig) -> dict:
     keras.utils.set_random_seed(seed)  # initialisation (restored over when resuming) and augmentation draws
     with placement.strategy.scope():
         model = models.build_model(spec)
-        models.compile_model(model, config.lrate, TPU_STEPS_PER_EXECUTION if on_tpu else 1)
+        models.compile_model(model, lrate, TPU_STEPS_PER_EXECUTION if on_tpu else 1)
+    if warm is not None:
+        warm_start.load_weights(model, warm)
     cbs = callbacks.make_callbacks(config.job_dir, config.patience, placement.is_chief, done_epochs,
                                    profile_batches=config_lib.profile_range(config.profile_batches))
     start = time.time()
-    _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta)
+    _fit(model, train_ds, valid_ds, config, steps_per_epoch, cbs, meta, num_epochs)
     logging.info("training took %.1f s", time.time() - start)
     if not placement.is_chief:
         return {}
@@ -301,8 +321,10 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     config = config_lib.parse_config(argv)
-    logging.info("config: %s", config.to_json().replace("\n", " "))
     try:
+        if config.warm_start:
+            config = warm_start.with_model_flags_of_run(config, config_lib.given_flags(argv))
+        logging.info("config: %s", config.to_json().replace("\n", " "))
         train_and_export(config)
     except (metadata.DatasetError, ValueError, FileNotFoundError, FloatingPointError) as e:
         logging.error("%s", e)

@@ -53,7 +53,8 @@ SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
 TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
 
-.PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve clean
+.PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve bench-vectorise \
+	bench-strategies clean
 
 help:
 	@echo "make demo        - install, make the sample, ETL -> train -> export -> predict, end to end"
@@ -64,6 +65,7 @@ help:
 	@echo "make serve       - serve the last 'make train' export on 127.0.0.1:8501 (TF Serving's REST API)"
 	@echo "make tune [DATA= TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
 	@echo "make bench-etl | bench-ingest | bench-serve - throughput against this machine's limits"
+	@echo "make bench-vectorise | bench-strategies [DATA= MODEL= TRAIN_IMAGE_SIZE= TRAIN_FLAGS= BENCH_FLAGS=] - chapter 7's tables on DATA"
 
 install: $(STAMP)
 
@@ -130,6 +132,18 @@ bench-ingest: $(call INSTALLED,etl training bench)
 	  $(PY) -c "from etl.bench import write_corpus; write_corpus('data/bench/photos', 1200)" && \
 	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --min_shards 8 --overwrite; }
 	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
+
+# Chapter 7's grayscale table (7-5) and colour-distortion placement, then its strategy timings, on DATA
+# (the sample's ETL output by default; DATA=data/out/bench-jpeg after `make bench-ingest` for photos).
+BENCH_FLAGS ?=
+bench-vectorise: $(call INSTALLED,training)
+	$(AUTO_ETL)
+	$(PY) -m trainer.bench_vectorise --data $(DATA) --image_size $(TRAIN_IMAGE_SIZE) $(BENCH_FLAGS)
+
+bench-strategies: $(call INSTALLED,training)
+	$(AUTO_ETL)
+	$(PY) -m trainer.bench_strategies --data $(DATA) --model $(MODEL) --image_size $(TRAIN_IMAGE_SIZE) $(TRAIN_FLAGS) \
+	    $(BENCH_FLAGS)
 
 bench-serve: $(call INSTALLED,serving bench)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }

@@ -53,8 +53,8 @@ SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
 TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
 
-.PHONY: help install sample etl train serve tune demo test bench-etl bench-ingest bench-serve bench-vectorise \
-	bench-strategies clean
+.PHONY: help install sample etl train serve tune demo test bench-etl bench-corpus bench-ingest bench-serve \
+	bench-vectorise bench-strategies clean
 
 help:
 	@echo "make demo        - install, make the sample, ETL -> train -> export -> predict, end to end"
@@ -66,6 +66,7 @@ help:
 	@echo "make tune [DATA= TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
 	@echo "make bench-etl | bench-ingest | bench-serve - throughput against this machine's limits"
 	@echo "make bench-vectorise | bench-strategies [DATA= MODEL= TRAIN_IMAGE_SIZE= TRAIN_FLAGS= BENCH_FLAGS=] - chapter 7's tables on DATA"
+	@echo "make bench-corpus - the benchmark's photo corpus in data/out/bench-jpeg (jpeg form, 8 train shards)"
 
 install: $(STAMP)
 
@@ -125,16 +126,19 @@ test: $(STAMP)
 bench-etl: $(call INSTALLED,etl bench)
 	$(PY) -m etl.bench
 
-# The ingest benchmark reads the jpeg form of photo-like images (the ETL benchmark's corpus),
-# in 8 shards so that interleaving has files to interleave.
-bench-ingest: $(call INSTALLED,etl training bench)
-	test -f data/out/bench-jpeg/metadata.json || { \
+# The benchmarks' corpus: the jpeg form of photo-like images (the ETL benchmark's), in 8 shards so
+# that interleaving has files to interleave.
+BENCH_CORPUS := data/out/bench-jpeg
+bench-corpus: $(call INSTALLED,etl bench)
+	test -f $(BENCH_CORPUS)/metadata.json || { \
 	  $(PY) -c "from etl.bench import write_corpus; write_corpus('data/bench/photos', 1200)" && \
-	  $(PY) -m etl --input data/bench/photos --output data/out/bench-jpeg --form jpeg --min_shards 8 --overwrite; }
-	$(PY) -m trainer.bench_ingest --data data/out/bench-jpeg
+	  $(PY) -m etl --input data/bench/photos --output $(BENCH_CORPUS) --form jpeg --min_shards 8 --overwrite; }
+
+bench-ingest: bench-corpus $(call INSTALLED,training bench)
+	$(PY) -m trainer.bench_ingest --data $(BENCH_CORPUS)
 
 # Chapter 7's grayscale table (7-5) and colour-distortion placement, then its strategy timings, on DATA
-# (the sample's ETL output by default; DATA=data/out/bench-jpeg after `make bench-ingest` for photos).
+# (the sample's ETL output by default; `make bench-corpus` then DATA=data/out/bench-jpeg for photos).
 BENCH_FLAGS ?=
 bench-vectorise: $(call INSTALLED,training)
 	$(AUTO_ETL)

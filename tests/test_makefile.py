@@ -43,3 +43,11 @@ def test_mobilenet_on_the_jpeg_form_trains_at_224_px_unless_told_otherwise():
     assert "--image_size 224" in dry_run("train", "FORM=jpeg", "MODEL=mobilenet")
     assert "--image_size 32" in dry_run("train", "FORM=jpeg", "MODEL=dnn")
     assert "--image_size 160" in dry_run("train", "FORM=jpeg", "MODEL=mobilenet", "TRAIN_IMAGE_SIZE=160")
+
+
+def test_the_chapter_7_benches_run_on_data_as_train_does():
+    assert "test -f data/out/pixels/metadata.json || make" in dry_run("bench-vectorise").replace("$(MAKE)", "make")
+    given = dry_run("bench-strategies", "DATA=data/out/bench-jpeg", "MODEL=mobilenet")
+    assert "-m trainer.bench_strategies --data data/out/bench-jpeg --model mobilenet --image_size 224" in given
+    assert "test -f" not in given
+    assert "-m trainer.bench_ingest --data data/out/bench-jpeg" in dry_run("bench-ingest")

@@ -57,7 +57,7 @@ def test_the_tool_prints_both_tables_on_a_datasets_images(tmp_path):
     items = fx.make_image_files(str(tmp_path / "images"), per_class=2)
     data = str(tmp_path / "jpeg")
     fx.write_dataset(data, items, "jpeg")
-    output = bench_vectorise.run(data, num_images=4, batch_size=2, python_images=1, image_size=24)
+    output = bench_vectorise.run(data, num_images=4, batch_size=2, python_images=1, image_size=24, repeats=1)
     assert f"4 images of 24x24 px from {data} (jpeg form, decoded with shared.preprocess)" in output
     for row in ("| iteration: Python loop over pixels | 1, scaled to 4 |", "| tf.py_function (the same loop) | 1, scaled to 4 |",
                 "| slicing + tf.where, map() per image | 4 |", "| matmul, map() per image | 4 |",

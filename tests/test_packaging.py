@@ -29,8 +29,8 @@ ROLES = {
                 ["serving"], ["etl", "tf_keras", "trainer.train", "trainer.export", "trainer.models", "trainer.ingest"]),
     "tuning": (["trainer.tune", "trainer.search_space"], ["tuning"], ["etl", "trainer.serving", "trainer.cloud"]),
     "cloud": (["trainer.cloud.__main__"], ["cloud"], ["etl", "tensorflow", "trainer.train", "trainer.serving"]),
-    "benchmarks": (["etl.bench", "trainer.bench_ingest", "trainer.serving.bench"], ["etl", "training", "serving", "bench"],
-                   []),
+    "benchmarks": (["etl.bench", "trainer.bench_ingest", "trainer.serving.bench", "trainer.bench_vectorise",
+                    "trainer.bench_strategies"], ["etl", "training", "serving", "bench"], []),
 }
 
 

@@ -18,16 +18,14 @@ only when the run folder has no backup, and the earlier run is not read again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
-import numpy as np
 import tensorflow as tf
 
 from shared import metadata
 from trainer import callbacks, config as config_lib, models
-from trainer.run_folder import BEST_WEIGHTS, CONFIG_FILE, EXPORT_DIR
+from trainer.run_folder import BEST_WEIGHTS, CONFIG_FILE, EXPORT_DIR, read_json
 from trainer.serving.contract import CLASS_NAMES_FILE
 
 # Flags that define the model (and its augmentation layers): taken from the earlier run unless given.
@@ -61,15 +59,11 @@ class WarmStart:
 
 
 def read_run_config(run_dir: str) -> dict:
-    """The earlier run's config.json ({"flags", "resolved"}); ValueError naming the file if absent."""
+    """A run's config.json ({"flags", "resolved"}); ValueError naming the file if absent or unreadable."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         raise ValueError(f"--warm_start {run_dir}: {path} does not exist; give a run folder that trainer.train wrote")
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--warm_start {run_dir}: {path} is not valid JSON ({e})") from None
+    return read_json(path, "give a run folder whose config.json trainer.train wrote whole")
 
 
 def with_model_flags_of_run(config: config_lib.TrainConfig, given: frozenset[str]) -> config_lib.TrainConfig:
@@ -77,10 +71,8 @@ def with_model_flags_of_run(config: config_lib.TrainConfig, given: frozenset[str
     or, when the job_dir already holds this warm start (a rerun), from its own: the earlier run is
     not read again."""
     source = config.warm_start
-    own = os.path.join(config.job_dir, CONFIG_FILE)
-    if tf.io.gfile.exists(own):
-        with tf.io.gfile.GFile(own) as f:
-            recorded = json.load(f).get("flags", {})
+    if tf.io.gfile.exists(os.path.join(config.job_dir, CONFIG_FILE)):
+        recorded = read_run_config(config.job_dir).get("flags", {})
         if recorded.get("warm_start", "").rstrip("/") == config.warm_start.rstrip("/"):
             source = config.job_dir
     old_flags = read_run_config(source).get("flags", {})
@@ -156,7 +148,7 @@ def load_weights(model, start: WarmStart) -> None:
                 i = start.source_classes.index(name)
                 kernel[:, j], bias[j] = old[0][:, i], old[1][i]
         layer.set_weights([kernel, bias])
-    kept = int(np.sum([c in start.source_classes for c in start.target_classes]))
+    kept = sum(c in start.source_classes for c in start.target_classes)
     logging.info("warm start: loaded %s; output weights of %d of %d classes kept, the others initialised",
                  start.checkpoint, kept, len(start.target_classes))
 
@@ -164,8 +156,6 @@ def load_weights(model, start: WarmStart) -> None:
 def recorded_start(job_dir: str) -> dict | None:
     """The warm start a run folder's config.json records (a resumed run keeps it without reading the
     earlier run again), or None."""
-    path = os.path.join(job_dir, CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
+    if not tf.io.gfile.exists(os.path.join(job_dir, CONFIG_FILE)):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get("resolved", {}).get("warm_start")
+    return read_run_config(job_dir).get("resolved", {}).get("warm_start")

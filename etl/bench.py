@@ -179,7 +179,7 @@ def build_default_sized_module(folder: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m etl.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m etl.bench", description=__doc__, allow_abbrev=False)
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--forms", default="jpeg,pixels,embeddings")

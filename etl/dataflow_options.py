@@ -77,7 +77,7 @@ def dataflow_args(project: str | None, region: str | None, bucket: str | None, j
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m etl.dataflow_options", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--project", default="")
     p.add_argument("--region", default="")
     p.add_argument("--bucket", default="")

@@ -51,7 +51,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     d = EtlConfig(input="", output="")
     p = argparse.ArgumentParser(prog="python -m etl", description="Labelled images to sharded TFRecords.",
                                 epilog="Any other flag is passed to Beam, e.g. --runner DataflowRunner --project P.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", required=True, help="CSV of path,label rows, or a folder of class sub-folders")
     p.add_argument("--output", required=True, help="dataset folder (local or gs://)")
     p.add_argument("--form", choices=schema.FORMS, default=d.form,

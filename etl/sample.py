@@ -45,7 +45,7 @@ def write_digits_sample(out_dir: str, limit: int | None = None, quality: int = 9
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m etl.sample", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m etl.sample", description=__doc__, allow_abbrev=False)
     parser.add_argument("--output", default="data/sample/digits")
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()

@@ -192,7 +192,7 @@ def summarise(rows: list[Row], batch_size: int) -> tuple[str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.bench_ingest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="ETL output folder (holds metadata.json)")
     p.add_argument("--split", default="train")
     p.add_argument("--batch_size", type=int, default=32)

@@ -66,7 +66,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     """The parser for `python -m trainer.train`; unknown flags are errors."""
     defaults = TrainConfig(data="", job_dir="")
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="ETL output folder (local or gs://) holding metadata.json")
     # Vertex AI sets AIP_MODEL_DIR; an explicit --job_dir wins.
     p.add_argument("--job_dir", "--job-dir", dest="job_dir", default=os.environ.get("AIP_MODEL_DIR"),

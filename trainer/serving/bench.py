@@ -246,7 +246,7 @@ def start_server(model_path: str, port: int, log_path: str, thread_spinning: boo
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m trainer.serving.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="the export folder (runs/<run>/export)")
     p.add_argument("--images", default=None, help="folder of .jpg/.png to send (default: synthetic 320x240 JPEGs)")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per row and repeat (default: %(default)s)")

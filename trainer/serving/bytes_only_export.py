@@ -84,7 +84,7 @@ def write_bytes_only_export(export_dir: str, output_dir: str) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.bytes_only_export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="the export folder a training run wrote (runs/<run>/export)")
     p.add_argument("--output", required=True, help="a new folder for the copy (local or gs://)")
     args = p.parse_args(argv)

@@ -177,7 +177,7 @@ def grid_path_problem(path: str) -> str | None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="the export folder a training run wrote (runs/<run>/export)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the images and their predictions here "
                                                 f"(the first {GRID_MAX_IMAGES}), local or gs://")

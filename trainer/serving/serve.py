@@ -23,7 +23,7 @@ DEFAULT_PORT = 8501  # TF Serving's REST port
 def make_arg_parser() -> argparse.ArgumentParser:
     defaults = ServingLimits()
     p = argparse.ArgumentParser(prog="python -m trainer.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="the export folder a training run wrote (runs/<run>/export)")
     # Loopback by default: this server has no authentication; bind 0.0.0.0 only behind one.
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

@@ -11,7 +11,8 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The embedded sample (scikit-learn's digits) and where its outputs go.
 SAMPLE_DIR ?= data/sample/digits
 INPUT ?= $(SAMPLE_DIR)/all_data.csv
-LABELS ?= $(if $(findstring $(SAMPLE_DIR),$(INPUT)),$(SAMPLE_DIR)/dict.txt,)
+# The class list that fixes the class order (LABELS, its old name, still works).
+CLASS_NAMES_FILE ?= $(or $(LABELS),$(if $(findstring $(SAMPLE_DIR),$(INPUT)),$(SAMPLE_DIR)/dict.txt,))
 FORM ?= pixels
 OUTPUT ?= data/out/$(FORM)
 RUNNER ?= DirectRunner
@@ -59,7 +60,7 @@ TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring 
 help:
 	@echo "make demo        - install, make the sample, ETL -> train -> export -> predict, end to end"
 	@echo "make test        - install, run the tests"
-	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE= ETL_FLAGS=]"
+	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= CLASS_NAMES_FILE= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE= ETL_FLAGS=]"
 	@echo "make etl RUNNER=DataflowRunner PROJECT= REGION= BUCKET= INPUT=gs://... OUTPUT=gs://... [JOB_NAME= MAX_WORKERS= WORKER_MACHINE=]"
 	@echo "make train [STRATEGY=auto|one_device|mirrored|multi_worker|tpu MODEL=linear|dnn|mobilenet DATA= JOB_DIR= EPOCHS= TRAIN_IMAGE_SIZE= TRAIN_FLAGS=]"
 	@echo "make serve       - serve the last 'make train' export on 127.0.0.1:8501 (TF Serving's REST API)"
@@ -92,7 +93,7 @@ etl: $(call INSTALLED,etl) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 	      --machine_type "$(WORKER_MACHINE)" --input "$(INPUT)" --output "$(OUTPUT)"); \
 	else runner_flags="--runner $(RUNNER)"; fi; \
 	eval "set -- $$runner_flags"; set -x; \
-	$(PY) -m etl --input $(INPUT) $(if $(LABELS),--labels $(LABELS),) --output $(OUTPUT) --form $(FORM) \
+	$(PY) -m etl --input $(INPUT) $(if $(CLASS_NAMES_FILE),--class_names_file $(CLASS_NAMES_FILE),) --output $(OUTPUT) --form $(FORM) \
 	    --image_size $(IMAGE_SIZE) $(if $(EMBEDDING_MODULE),--embedding_module $(EMBEDDING_MODULE),) \
 	    "$$@" --overwrite $(ETL_FLAGS)
 

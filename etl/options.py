@@ -1,11 +1,13 @@
-"""The ETL's own flags. Unknown flags are Beam's (`--runner`, `--project`, ...) and pass through."""
+"""The ETL's own flags. Unknown flags are Beam's (`--runner`, `--project`, `--labels key=value`, ...) and
+pass through. TF- and Beam-free, so that `--help` and flag errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import logging
 import math
 import os
-import dataclasses
 from typing import Sequence
 
 from shared import image_check, schema
@@ -19,7 +21,7 @@ class EtlConfig:
     input: str  # CSV of path,label rows, or a folder with one sub-folder per class (local or gs://)
     output: str  # dataset folder; must be empty or absent unless overwrite
     form: str = "jpeg"  # jpeg | pixels | embeddings
-    labels: str | None = None  # one class per line; fixes the class order (default: sorted labels)
+    class_names_file: str | None = None  # one class per line; fixes the class order (default: sorted labels)
     image_size: int = 224  # pixels form: side of the square; embeddings: used if the module has no static size
     shard_mb: float = 100.0  # target shard size; the book's 10-100 MB sweet spot for reads
     min_shards: int = 1  # floor per split, so that multi-worker readers each get files
@@ -56,7 +58,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="dataset folder (local or gs://)")
     p.add_argument("--form", choices=schema.FORMS, default=d.form,
                    help="jpeg: RGB JPEG bytes; pixels: float32 in [0, 1], resized; embeddings: a module's vectors")
-    p.add_argument("--labels", default=d.labels, help="file with one class name per line (fixes the order)")
+    p.add_argument("--class_names_file", default=d.class_names_file,
+                   help="file with one class name per line (fixes the order); the old spelling --labels FILE "
+                        "still works for an existing file, while --labels key=value are Beam's Dataflow job labels")
     p.add_argument("--image_size", type=int, default=d.image_size,
                    help="side of the square pixels; embeddings: used if the module has no static size")
     p.add_argument("--shard_mb", type=float, default=d.shard_mb, help="target shard size in MB")
@@ -80,9 +84,17 @@ def make_arg_parser() -> argparse.ArgumentParser:
 def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
     """(the ETL's config, the remaining flags for Beam). Bad values are errors naming the flag."""
     parser = make_arg_parser()
-    args, beam_args = parser.parse_known_args(list(argv))
+    argv, old_spelling, problems = take_labels_files(argv)
+    args, beam_args = parser.parse_known_args(argv)
     config = EtlConfig(**vars(args))
-    problems = []
+    if old_spelling:
+        if len(old_spelling) > 1 or config.class_names_file:
+            given = [f"--labels {path}" for path in old_spelling] + (
+                [f"--class_names_file {config.class_names_file}"] if config.class_names_file else [])
+            problems.append(f"give the class names file once, as --class_names_file (got {', '.join(given)})")
+        else:
+            logging.info("--labels %s: read as --class_names_file (the old spelling of that flag)", old_spelling[0])
+            config = dataclasses.replace(config, class_names_file=old_spelling[0])
     if config.image_size < 1:
         problems.append(f"--image_size must be positive, got {config.image_size}")
     if not 0 < config.shard_mb < math.inf:
@@ -92,26 +104,71 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
     if not 0.0 <= config.max_reject_fraction <= 1.0:
         problems.append(f"--max_reject_fraction must be in [0, 1], got {config.max_reject_fraction}")
     if config.max_pixels < 1 or not 0 < config.max_file_mb < math.inf:
-        problems.append(f"--max_pixels and --max_file_mb must be positive, got {config.max_pixels}, {config.max_file_mb}")
+        problems.append(f"--max_pixels and --max_file_mb must be positive, got {config.max_pixels}, "
+                        f"{config.max_file_mb}")
     if not 1 <= config.jpeg_quality <= 100:
         problems.append(f"--jpeg_quality must be in 1..100, got {config.jpeg_quality}")
     if config.embedding_batch_size < 1:
         problems.append(f"--embedding_batch_size must be positive, got {config.embedding_batch_size}")
     # Local paths are stored absolute in the sidecar: the trainer loads the module from its own
     # working directory, where "../mod32" names another folder or none.
-    for name in ("input", "labels", "embedding_module"):
+    for name in ("input", "class_names_file", "embedding_module"):
         value = getattr(config, name)
         if value and not is_remote(value) and os.path.exists(value):
             config = dataclasses.replace(config, **{name: os.path.abspath(value)})
     unknown = _flags_unknown_to_beam(beam_args)
     if unknown:
-        ours = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
+        ours = [f"--{field.name}" for field in dataclasses.fields(EtlConfig)]
         hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
             flag.replace("-", "_").replace("__", "--"), ours, n=1)) else flag for flag in unknown]
         problems.append(f"unknown flag(s) {', '.join(hints)}: neither the ETL's nor Beam's")
     if problems:
         parser.error("; ".join(problems))
     return config, beam_args
+
+
+def take_labels_files(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """(argv without the `--labels FILE` flags that name the class names file, those FILEs, problems).
+
+    `--labels` was the ETL's name for --class_names_file, and is Beam's for Dataflow job labels
+    (`key=value`, or a JSON object). A value with "=" or "{" is Beam's; an existing file (local, or
+    an object on gs://) is the class names file; anything else is refused, since either reading could
+    be meant (a mistyped path would otherwise become a job label and the class order silently change).
+    """
+    kept, files, problems = [], [], []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        arg = tokens[i]
+        if arg == "--labels" and i + 1 < len(tokens):
+            value, given = tokens[i + 1], tokens[i:i + 2]
+        elif arg.startswith("--labels="):
+            value, given = arg.split("=", 1)[1], [arg]
+        else:
+            kept.append(arg)
+            i += 1
+            continue
+        i += len(given)
+        if "=" in value or value.lstrip().startswith("{"):
+            kept.extend(given)
+        elif _is_existing_file(value):
+            files.append(value)
+        else:
+            problems.append(f"--labels {value} is neither an existing file (the class names file, now "
+                            f"--class_names_file) nor a Dataflow job label (Dataflow job labels are key=value, or key= "
+                            "for one without a value)")
+    return kept, files, problems
+
+
+def _is_existing_file(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isfile(path)
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return FileSystems.exists(path)  # an object: object stores have no folders
+    except Exception:  # an unreachable store: not known to be a file
+        return False
 
 
 def _flags_unknown_to_beam(beam_args: Sequence[str]) -> list[str]:

@@ -122,7 +122,7 @@ def make_metadata(config: EtlConfig, features, module, class_names, staged: dict
         splits[split] = metadata.SplitInfo(sum(s.num_examples for s in shards), shards)
     extra = {
         "rejected": rejected,
-        "input": {"path": config.input, "labels": config.labels, "num_rows": staged["num_rows"]},
+        "input": {"path": config.input, "class_names_file": config.class_names_file, "num_rows": staged["num_rows"]},
         "etl_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
         "command_line": ["python", "-m", "etl", *argv],
         "runner": runner,
@@ -153,7 +153,7 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
     module = None
     if config.form == "embeddings":  # fail on a bad or unreachable module before touching any input
         module = embeddings.describe_module(config.embedding_module, config.image_size)
-    class_names = inputs.read_labels_file(config.labels) if config.labels else None
+    class_names = inputs.read_labels_file(config.class_names_file) if config.class_names_file else None
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     # The DirectRunner of Beam 2.7x first tries to download its Prism runner (no network here),

@@ -49,17 +49,24 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
 
     rows = tmp_path / "rows.csv"  # the ETL reads the CSV header while building the graph
     rows.write_text("gs://my-bucket/images/a.jpg,cat\n")
-    config, _ = parse_etl_args(["--input", str(rows), "--output", "gs://my-bucket/out", "--form", "pixels",
-                                "--image_size", "32"])
+    names = tmp_path / "dict.txt"
+    names.write_text("cat\n")
+    # Job labels in Beam's two spellings beside the class names file in the ETL's old spelling.
+    config, etl_beam_args = parse_etl_args(["--input", str(rows), "--output", "gs://my-bucket/out", "--form",
+                                            "pixels", "--image_size", "32", "--labels", str(names),
+                                            "--labels", "team=vision", "--label", "data=digits"])
+    assert config.class_names_file == str(names)
     args = dataflow_args("my-project", "europe-west4", "my-bucket", job_name="imagepipe-etl-test", max_workers=7,
                          machine_type="n1-standard-2")
     # --dry_run: DataflowRunner translates the job and returns before creating it; --no_auth: offline.
-    options = PipelineOptions(args + ["--dry_run=True", "--no_auth", "--sdk_location=container"])
+    options = PipelineOptions(args + etl_beam_args + ["--dry_run=True", "--no_auth", "--sdk_location=container"])
     p = beam.Pipeline(options=options)
-    pipeline.build_pipeline(p, config, "gs://my-bucket/out.tmp", pipeline.make_features(config, None), None)
+    pipeline.build_pipeline(p, config, "gs://my-bucket/out.tmp", pipeline.make_features(config, None), None,
+                            ["cat"])
     job = p.run().job
 
     assert job.proto.name == "imagepipe-etl-test"
+    assert dict(job.proto.labels) == {"team": "vision", "data": "digits"}
     cloud = job.options.view_as(GoogleCloudOptions)
     assert (cloud.project, cloud.region) == ("my-project", "europe-west4")
     assert cloud.temp_location.startswith("gs://my-bucket/dataflow/temp/")

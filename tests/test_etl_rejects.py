@@ -53,7 +53,8 @@ def test_each_bad_input_is_rejected_with_its_reason(tmp_path):
     labels = tmp_path / "dict.txt"
     labels.write_text("b\na\n")
     out = tmp_path / "out"
-    meta = pipeline.run(["--input", csv_path, "--labels", str(labels), "--output", str(out), "--form", "pixels",
+    meta = pipeline.run(["--input", csv_path, "--class_names_file", str(labels), "--output", str(out),
+                         "--form", "pixels",
                          "--image_size", "8", "--max_file_mb", "0.25", "--max_reject_fraction", "0.6"])
     rejects = read_rejects(out)
     by_uri = {}
@@ -88,8 +89,8 @@ def test_unknown_label_is_rejected(tmp_path):
     labels = tmp_path / "dict.txt"
     labels.write_text("a\n")
     out = tmp_path / "out"
-    pipeline.run(["--input", image_factory.write_csv(str(tmp_path / "all.csv"), rows), "--labels", str(labels),
-                  "--output", str(out), "--form", "jpeg"])
+    pipeline.run(["--input", image_factory.write_csv(str(tmp_path / "all.csv"), rows),
+                  "--class_names_file", str(labels), "--output", str(out), "--form", "jpeg"])
     rejects = read_rejects(out)
     assert sorted(r["reason"] for r in rejects) == ["unknown_label"] * 3
     assert all(r["label"] == "b" for r in rejects)
@@ -199,7 +200,8 @@ def test_a_labels_path_that_is_a_folder_or_not_utf8_is_named(tmp_path, class_fol
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     for labels, message in [(tmp_path, f"{tmp_path}: cannot read it"), (latin1, f"{latin1} is not UTF-8 text")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            pipeline.run(["--input", class_folder_dataset, "--labels", str(labels), "--output", str(tmp_path / "o")])
+            pipeline.run(["--input", class_folder_dataset, "--class_names_file", str(labels),
+                          "--output", str(tmp_path / "o")])
 
 
 def test_local_paths_are_stored_absolute_for_the_trainer(tmp_path, monkeypatch, class_folder_dataset):

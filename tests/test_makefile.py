@@ -51,3 +51,9 @@ def test_the_chapter_7_benches_run_on_data_as_train_does():
     assert "-m trainer.bench_strategies --data data/out/bench-jpeg --model mobilenet --image_size 224" in given
     assert "test -f" not in given
     assert "-m trainer.bench_ingest --data data/out/bench-jpeg" in dry_run("bench-ingest")
+
+
+def test_etl_passes_the_class_names_file_under_its_new_flag():
+    assert "--class_names_file data/sample/digits/dict.txt" in dry_run("etl")
+    assert "--class_names_file mine.txt" in dry_run("etl", "INPUT=x.csv", "LABELS=mine.txt")  # the old variable
+    assert "--class_names_file" not in dry_run("etl", "INPUT=x.csv")

@@ -94,7 +94,7 @@ def detect_header(csv_path: str) -> list[str] | None:
 
     A header names its columns: a known path or label column name, or a first field with no file
     extension. Never a row whose first field is a file that exists: `x.jpg,category` is an image
-    of the class "category", not a header. Read decompressed (`rows.csv.gz`), as Beam reads it."""
+    of the class "category", not a header; a folder is no file (`images,label` beside `images/`). Read decompressed (`rows.csv.gz`), as Beam reads it."""
     first = ""
     with FileSystems.open(csv_path) as f:  # AUTO: decompressed by extension, like ReadFromText
         # Blank lines are no rows: a header after one became a row and a class "label". A BOM is
@@ -112,11 +112,18 @@ def detect_header(csv_path: str) -> list[str] | None:
         return None
     csv_dir = os.path.dirname(os.path.abspath(csv_path)) if not is_remote(csv_path) else csv_path.rsplit("/", 1)[0]
     try:
-        if path and FileSystems.exists(resolve_path(path, csv_dir)):
+        if path and _is_file(resolve_path(path, csv_dir)):
             return None
     except Exception:  # an unreachable store: only column names make a header
         return [x.strip() for x in fields] if named else None
     return [x.strip() for x in fields]
+
+
+def _is_file(path: str) -> bool:
+    """An existing entry that is not a folder: `images,label` beside an `images/` folder is a header."""
+    if not is_remote(path):
+        return os.path.exists(path) and not os.path.isdir(path)
+    return FileSystems.exists(path)  # an object: object stores have no folders
 
 
 def resolve_path(path: str, csv_dir: str) -> str:

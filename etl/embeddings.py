@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from etl.errors import EtlError
 
-class EmbeddingModuleError(RuntimeError):
-    pass
+
+class EmbeddingModuleError(EtlError):
+    """The module cannot be loaded or is not a feature-vector module."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from etl import progress
+from etl.errors import EtlError
 from shared.paths import is_remote
 
 # A first line whose fields look like these is a header, not an image.
@@ -46,40 +48,10 @@ def make_reject(uri: str, label: str, reason: str, detail: str, source: str = ""
     return {"uri": uri, "label": label, "reason": reason, "detail": detail, "source": source}
 
 
-def is_folder_input(path: str) -> bool:
-    """A folder of class sub-folders, rather than a CSV file."""
-    if not is_remote(path):
-        return os.path.isdir(path)
-    # Object stores have no folders: an existing object is the CSV, anything else a prefix.
-    return path.endswith("/") or not FileSystems.exists(path)
-
-
-def read_text(path: str) -> str:
-    """A whole (small) text file from any Beam file system; BOM and CRLF tolerated. ValueError
-    naming the file when it is a folder, unreadable or not UTF-8."""
-    try:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            data = f.read()
-    except (OSError, IOError) as e:
-        raise ValueError(f"{path}: cannot read it: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at {e.start}); "
-                         f"save it as UTF-8") from None
-
-
-def read_labels_file(path: str) -> list[str]:
-    """One class name per line; blank lines ignored; a repeated name is an error."""
-    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{path}: class {name!r} is listed twice")
-        seen.add(name)
-    if not names:
-        raise ValueError(f"{path}: no class names in the labels file")
-    return names
+def rejected(reject: dict) -> beam.pvalue.TaggedOutput:
+    """`reject` for a step's "rejects" output, counted (progress.REJECTED and its reason)."""
+    progress.count_reject(reject["reason"])
+    return beam.pvalue.TaggedOutput("rejects", reject)
 
 
 def _parse_fields(line: str) -> list[str] | None:
@@ -94,7 +66,8 @@ def detect_header(csv_path: str) -> list[str] | None:
 
     A header names its columns: a known path or label column name, or a first field with no file
     extension. Never a row whose first field is a file that exists: `x.jpg,category` is an image
-    of the class "category", not a header; a folder is no file (`images,label` beside `images/`). Read decompressed (`rows.csv.gz`), as Beam reads it."""
+    of the class "category", not a header; a folder is no file (`images,label` beside `images/`).
+    Read decompressed (`rows.csv.gz`), as Beam reads it."""
     first = ""
     with FileSystems.open(csv_path) as f:  # AUTO: decompressed by extension, like ReadFromText
         # Blank lines are no rows: a header after one became a row and a class "label". A BOM is
@@ -149,7 +122,8 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
             if exact_paths and key_root:  # the driver's line: name the file under the root, as other rejects do
                 fields = _parse_fields(shown.rstrip("\r\n"))
                 shown = split_key(fields[0], key_root) if fields else shown
-            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            progress.count(progress.ROWS)
+            yield rejected(make_reject(
                 "", "", "malformed_row", f"the line is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at {e.start}); "
                                          f"save the CSV as UTF-8 (in a class folder: rename the file)", shown))
             return
@@ -159,15 +133,16 @@ def parse_csv_line(raw: bytes | str, csv_dir: str, header: list[str] | None, key
     fields = _parse_fields(line)
     if fields is not None and header is not None and [x.strip() for x in fields] == header:
         return
+    progress.count(progress.ROWS)
     if fields is None or len(fields) != 2:
         count = "unparseable" if fields is None else f"{len(fields)} fields"
-        yield beam.pvalue.TaggedOutput("rejects", make_reject(
+        yield rejected(make_reject(
             "", "", "malformed_row", f"expected 2 fields (path,label), got {count}; quote a path that has a comma",
             line))
         return
     path, label = (fields[0] if exact_paths else fields[0].strip()), fields[1].strip()
     if not path or not label:
-        yield beam.pvalue.TaggedOutput("rejects", make_reject(
+        yield rejected(make_reject(
             path, label, "malformed_row", "empty path or label", line))
         return
     uri = resolve_path(path, csv_dir)
@@ -195,7 +170,7 @@ def list_class_folders(root: str) -> list[Row]:
         rows.append(Row(path, parts[0], relative))
     rows.sort()
     if not rows:
-        raise ValueError(f"{root} has no class sub-folders with files in them (expected {root}/<class>/<image>)")
+        raise EtlError(f"{root} has no class sub-folders with files in them (expected {root}/<class>/<image>)")
     return rows
 
 
@@ -232,7 +207,7 @@ def _list_local_class_files(root: str) -> list[str]:
             if not class_dir.name.startswith(".") and is_folder(class_dir):
                 walk(class_dir.path, frozenset({os.path.realpath(root)}))
     except OSError as e:
-        raise ValueError(f"{e.filename}: cannot list it: {e.strerror}") from None
+        raise EtlError(f"{e.filename}: cannot list it: {e.strerror}") from None
     return paths
 
 
@@ -250,7 +225,7 @@ def keep_one_of_duplicates(item, known_labels: frozenset[str] | None = None):
     labels = sorted({r.label for r in candidates})
     if len(labels) > 1:
         for row in rows:
-            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            yield rejected(make_reject(
                 row.uri, row.label, "conflicting_labels",
                 f"the same uri has labels {labels} in {len(rows)} rows; an image with two labels is left out",
                 row.source))
@@ -259,7 +234,7 @@ def keep_one_of_duplicates(item, known_labels: frozenset[str] | None = None):
     yield kept
     for extra in rows:
         if extra is not kept:
-            yield beam.pvalue.TaggedOutput("rejects", make_reject(
+            yield rejected(make_reject(
                 extra.uri, extra.label, "duplicate",
                 f"the same uri is already an input with label {kept.label!r}", extra.source))
 

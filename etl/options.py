@@ -33,6 +33,7 @@ class EtlConfig:
     max_reject_fraction: float = 0.5  # fail (publishing nothing) when more of the input is bad
     jpeg_quality: int = 95  # for inputs that are re-encoded (PNG, GIF, BMP, grayscale or CMYK JPEG)
     overwrite: bool = False
+    progress_seconds: float = 10.0  # a progress line this often on the local runner; 0 = none
 
     @property
     def shard_bytes(self) -> int:
@@ -78,6 +79,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="for inputs re-encoded as JPEG (PNG, GIF, BMP, grayscale or CMYK JPEG)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous ETL output (a folder holding other files is refused)")
+    p.add_argument("--progress_seconds", type=float, default=d.progress_seconds,
+                   help="log images read, records written and rejects this often on the local runner; 0: never")
     return p
 
 
@@ -108,6 +111,8 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
                         f"{config.max_file_mb}")
     if not 1 <= config.jpeg_quality <= 100:
         problems.append(f"--jpeg_quality must be in 1..100, got {config.jpeg_quality}")
+    if not 0 <= config.progress_seconds < math.inf:
+        problems.append(f"--progress_seconds must be a number >= 0, got {config.progress_seconds}")
     if config.embedding_batch_size < 1:
         problems.append(f"--embedding_batch_size must be positive, got {config.embedding_batch_size}")
     # Local paths are stored absolute in the sidecar: the trainer loads the module from its own
@@ -174,6 +179,8 @@ def _is_existing_file(path: str) -> bool:
 def _flags_unknown_to_beam(beam_args: Sequence[str]) -> list[str]:
     """The flags in `beam_args` that no Beam option class knows: Beam would only log
     "Discarding unparseable args" and run with defaults (a mistyped --shard-mb did so)."""
+    if not beam_args:  # no need to load Beam (~1.2 s) to know that
+        return []
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(list(beam_args))

@@ -2,8 +2,9 @@
 
     python -m etl --input all_data.csv --output out/ --form jpeg [Beam flags...]
 
-`run(argv)` checks the output folder and (for embeddings) the module before reading any
-input, runs the Beam pipeline into a staging folder, checks the accounting, then publishes.
+`run(argv)` checks the flags, the input (etl.preflight), the output folder and (for embeddings)
+the module before reading any input, runs the Beam pipeline into a staging folder, checks the
+accounting, then publishes. `python -m etl` is etl.cli, which answers refusals before Beam loads.
 """
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ import datetime
 import functools
 import json
 import logging
-import os
 import platform
 import sys
+import time
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from etl import embeddings, inputs, publish, records, sharding
-from etl.options import EtlConfig, parse_etl_args
-from shared import layout, metadata, preprocess, schema
-from shared.paths import is_remote
+from etl import embeddings, inputs, preflight, progress, publish, records, sharding
+from etl.options import EtlConfig
+from shared import layout, metadata, schema
 
 
 def make_features(config: EtlConfig, module: embeddings.ModuleInfo | None) -> tuple[schema.Feature, ...]:
@@ -32,6 +31,8 @@ def make_features(config: EtlConfig, module: embeddings.ModuleInfo | None) -> tu
 
 
 def describe_preprocessing(config: EtlConfig, module: embeddings.ModuleInfo | None) -> dict:
+    from shared import preprocess  # TensorFlow: loaded by the steps anyway, but not before a refusal
+
     if config.form == "jpeg":
         return {"stored": "original bytes of RGB JPEG inputs; other images decoded and re-encoded as RGB JPEG",
                 "reencode_quality": config.jpeg_quality, "decode_with": preprocess.DESCRIPTION["decode"]}
@@ -133,39 +134,30 @@ def make_metadata(config: EtlConfig, features, module, class_names, staged: dict
                                     describe_preprocessing(config, module), splits, extra)
 
 
-def _lies_under(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or inside it, as written or (local paths) with their links resolved."""
-    def nests(path: str, folder: str) -> bool:
-        return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+def make_local_runner():
+    """The FnApiRunner: the DirectRunner of Beam 2.7x first tries to download its Prism runner (no
+    network here), then falls back to it; go there directly (it honours --direct_num_workers)."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    if is_remote(path) or is_remote(folder):
-        return nests(path, folder)
-    # Both: the listing follows links, so "images/out" (a link to /elsewhere) is listed, and an
-    # --input reached through a link ("data" -> /mnt/d/data) holds its target's folders.
-    return (nests(os.path.abspath(path), os.path.abspath(folder))
-            or nests(os.path.realpath(path), os.path.realpath(folder)))
+    return FnApiRunner()
 
 
-def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
-    """Runs the ETL end to end; returns the published sidecar. Raises with a clear message on bad input."""
+def run(argv: Sequence[str] | None = None, checked: preflight.CheckedRun | None = None) -> metadata.DatasetMetadata:
+    """Runs the ETL end to end; returns the published sidecar. Raises with a clear message on bad input
+    (EtlError, publish's errors). `checked`: `preflight.check_run(argv)`, when the caller has it."""
+    started = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
-    config, beam_args = parse_etl_args(argv)
+    checked = checked or preflight.check_run(argv)
+    config, class_names, folder_input = checked.config, checked.class_names, checked.folder_input
     module = None
     if config.form == "embeddings":  # fail on a bad or unreachable module before touching any input
         module = embeddings.describe_module(config.embedding_module, config.image_size)
-    class_names = inputs.read_labels_file(config.class_names_file) if config.class_names_file else None
-    options = PipelineOptions(beam_args)
+    options = PipelineOptions(checked.beam_args)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    # The DirectRunner of Beam 2.7x first tries to download its Prism runner (no network here),
-    # then falls back to the FnApiRunner; go there directly (it honours --direct_num_workers).
-    local_runner = FnApiRunner() if runner in ("DirectRunner", "SwitchingDirectRunner") else None
-    folder_input = inputs.is_folder_input(config.input)
-    if folder_input and _lies_under(config.output, config.input):
-        # Its shards, sidecar and rejects would be listed as images of a class named after the
-        # output folder on the next run (`make etl` always passes --overwrite): a class with no
-        # records, shifting the indices of the classes sorted after it.
-        raise ValueError(f"--output {config.output} lies inside the class-folder --input {config.input}; "
-                         "choose an output folder outside it")
+    local = runner in ("DirectRunner", "SwitchingDirectRunner")
+    # The live count is of this process: the FnApiRunner's workers are its threads, except in
+    # multi_processing mode. Elsewhere the counters are Beam metrics (the Dataflow console shows them).
+    live = local and options.view_as(DirectOptions).direct_running_mode != "multi_processing"
     temp_dir, replaced = publish.prepare_output(config.output, config.overwrite)
     try:
         rows_csv = None
@@ -175,7 +167,8 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
             inputs.write_rows_csv(folder_rows, rows_csv)
         features = make_features(config, module)
         logging.info("ETL %s -> %s, form %s, runner %s", config.input, config.output, config.form, runner)
-        with beam.Pipeline(runner=local_runner, options=options) as p:
+        progress_log = progress.ProgressLog(config.progress_seconds if live else 0)
+        with progress_log, beam.Pipeline(runner=make_local_runner() if local else None, options=options) as p:
             build_pipeline(p, config, temp_dir, features, module, class_names, rows_csv)
         staged = publish.read_staged_results(temp_dir)
         try:
@@ -193,18 +186,7 @@ def run(argv: Sequence[str] | None = None) -> metadata.DatasetMetadata:
     except BaseException:
         publish.discard(temp_dir)
         raise
-    logging.info("Wrote %s: %s", config.output,
-                 {s: meta.splits[s].num_examples for s in layout.SPLITS} | {"rejected": rejected["count"]})
+    logging.info("Wrote %s", config.output)
+    for line in progress.summary_lines(meta, time.time() - started, progress_log.first_image_after(started)):
+        logging.info("  %s", line)
     return meta
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        meta = run()
-    except (publish.OutputNotEmptyError, publish.TooManyRejectsError, embeddings.EmbeddingModuleError,
-            ValueError, FileNotFoundError) as e:
-        print(f"etl: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    counts = ", ".join(f"{s}={meta.splits[s].num_examples}" for s in layout.SPLITS)
-    print(f"etl: wrote {counts}, rejected={meta.extra['rejected']['count']}")

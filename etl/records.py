@@ -14,7 +14,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from etl.inputs import Row, make_reject
+from etl import progress
+from etl.inputs import Row, make_reject, rejected
 from shared import image_check, layout, schema
 from shared.image_check import ImageRejected
 from shared.paths import is_remote
@@ -100,6 +101,7 @@ class LoadImage(beam.DoFn):
         self._jpeg_quality = jpeg_quality
 
     def process(self, row: Row, class_index: dict):
+        progress.count(progress.IMAGES)
         try:
             if row.label not in class_index:
                 raise ImageRejected("unknown_label", f"label {row.label!r} is not in the labels file "
@@ -113,7 +115,7 @@ class LoadImage(beam.DoFn):
                 image_check.verify_decodes(data, header)
             canonical = self._canonical_bytes(data, header)
         except ImageRejected as e:
-            yield beam.pvalue.TaggedOutput("rejects", make_reject(row.uri, row.label, e.reason, e.detail, row.source))
+            yield rejected(make_reject(row.uri, row.label, e.reason, e.detail, row.source))
             return
         key = row.key or row.uri
         example_id = example_id_for(key)
@@ -141,13 +143,19 @@ def record_values(item: Loaded) -> dict:
             "example_id": item.example_id, "height": item.height, "width": item.width}
 
 
+def counted(record: Encoded) -> Encoded:
+    progress.count(progress.RECORDS)
+    progress.count(progress.RECORD_BYTES, len(record.serialized))
+    return record
+
+
 class EncodeJpeg(beam.DoFn):
     def __init__(self, features):
         self._features = features
 
     def process(self, item: Loaded):
         values = record_values(item) | {"image": item.image_bytes}
-        yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))
+        yield counted(Encoded(item.split, item.sort_key, schema.encode_example(self._features, values)))
 
 
 class EncodeTensor(beam.DoFn):
@@ -176,12 +184,12 @@ class EncodeTensor(beam.DoFn):
                 value = outputs[i] if outputs is not None else self._fn([item.image_bytes])[0]
             except Exception as e:
                 logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
-                yield beam.pvalue.TaggedOutput("rejects", make_reject(
+                yield rejected(make_reject(
                     item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}: "
                     f"{image_check.decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source))
                 continue
             values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
-            yield Encoded(item.split, item.sort_key, schema.encode_example(self._features, values))
+            yield counted(Encoded(item.split, item.sort_key, schema.encode_example(self._features, values)))
 
 
 def make_parallel_preprocess(size: int):

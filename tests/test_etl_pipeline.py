@@ -92,9 +92,9 @@ def test_embeddings_form_runs_the_module_once_per_image(tmp_path, class_folder_d
     assert len({r["embedding"].tobytes() for r in records.values()}) == len(records)
 
 
-def test_default_module_without_network_fails_before_reading_input(tmp_path):
+def test_default_module_without_network_fails_before_reading_input(tmp_path, class_folder_dataset):
     with pytest.raises(Exception, match="--embedding_module"):
-        run_etl(str(tmp_path / "does-not-exist.csv"), tmp_path / "out", "--form", "embeddings")
+        run_etl(class_folder_dataset, tmp_path / "out", "--form", "embeddings")
     assert not (tmp_path / "out").exists(), "nothing may be created before the module loads"
 
 

@@ -4,13 +4,16 @@ Corpus: photo-like JPEGs (~300x400 px, ~25 KB) cut from the photographs scikit-i
 (no download). Per form and worker count, the ETL runs as its own process (`python -m etl`),
 so peak memory is that of the whole process tree. Images/s is reported end to end and as the
 steady rate: (N - N/4) / (run() time for N - run() time for N/4), which removes the fixed
-costs (~5 s of imports, ~1-2 s of Beam set-up and publishing, whatever the input size). In the same run: the decode+resize limit (tf.data, all
-cores, the shared preprocessing function) and the book's per-element eager way
-(`FloatList` from the tensor), for the ratios.
+costs (imports, Beam set-up and publishing, whatever the input size). The start-up column is
+the seconds from starting the process to the first image read (imports, flag and folder checks,
+building and staging the pipeline, reading the CSV), and its share of the wall time. In the same
+run: the decode+resize limit (tf.data, all cores, the shared preprocessing function) and the
+book's per-element eager way (`FloatList` from the tensor), for the ratios.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -75,15 +78,18 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-# Runs the ETL in a fresh process and prints the seconds `run()` took, imports excluded.
-_TIMED_RUN = ("import sys, time; from etl import pipeline; t = time.perf_counter(); pipeline.run(sys.argv[1:]); "
-              "print(time.perf_counter() - t)")
+# Runs the ETL in a fresh process; prints the seconds `run()` took (imports excluded) and the
+# wall-clock time of the first image read.
+_TIMED_RUN = ("import json, sys, time; from etl import pipeline, progress; t = time.perf_counter(); "
+              "pipeline.run(sys.argv[1:]); print(json.dumps({'run': time.perf_counter() - t, "
+              "'first_image_at': progress.TALLY.first_time(progress.IMAGES)}))")
 
 
-def run_measured(argv: list[str]) -> tuple[float, float, int]:
-    """(wall seconds of the process, seconds inside the ETL's run(), peak tree RSS bytes) of one ETL
-    run in its own process, sampling memory every 50 ms."""
-    start = time.perf_counter()
+def run_measured(argv: list[str]) -> tuple[float, float, int, float]:
+    """(wall seconds of the process, seconds inside the ETL's run(), peak tree RSS bytes, seconds from
+    starting the process to the first image read) of one ETL run in its own process, sampling memory
+    every 50 ms."""
+    start, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen([sys.executable, "-c", _TIMED_RUN, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     peak = 0
@@ -102,7 +108,8 @@ def run_measured(argv: list[str]) -> tuple[float, float, int]:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"etl {' '.join(argv)} failed:\n{stderr.decode()[-2000:]}")
-    return time.perf_counter() - start, float(stdout.decode().split()[-1]), peak
+    timed = json.loads(stdout.decode().splitlines()[-1])
+    return time.perf_counter() - start, timed["run"], peak, timed["first_image_at"] - started_at
 
 
 def etl_argv(input_dir, output, form, workers, image_size, module):
@@ -202,18 +209,19 @@ def main(argv=None) -> None:
           "twice: staged, then copied into its shard)")
     forms = args.forms.split(",")
     module = build_default_sized_module(work) if "embeddings" in forms else None
-    print("\n| form | workers | wall s | images/s end to end | steady images/s | vs decode limit | record KB | "
-          "I/O limit images/s | vs min(limits) | vs book | peak memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| form | workers | wall s | start-up s (share) | images/s end to end | steady images/s | "
+          "vs decode limit | record KB | I/O limit images/s | vs min(limits) | vs book | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for form in forms:
         for workers in [int(w) for w in args.workers.split(",")]:
             out = os.path.join(work, f"out-{form}-{workers}")
-            _, fixed, _ = run_measured(etl_argv(small, out + "-small", form, workers, args.image_size, module))
-            wall, inside, peak = run_measured(etl_argv(corpus, out, form, workers, args.image_size, module))
+            _, fixed, _, _ = run_measured(etl_argv(small, out + "-small", form, workers, args.image_size, module))
+            wall, inside, peak, start_up = run_measured(etl_argv(corpus, out, form, workers, args.image_size, module))
             steady = (len(paths) - n_small) / max(inside - fixed, 1e-6)
             record = mean_record_bytes(out)
             io_limit = disk / (2 * record)
-            print(f"| {form} | {workers} | {wall:.1f} | {len(paths) / wall:.1f} | {steady:.1f} | {steady / limit:.0%} | "
+            print(f"| {form} | {workers} | {wall:.1f} | {start_up:.1f} ({start_up / wall:.0%}) | "
+                  f"{len(paths) / wall:.1f} | {steady:.1f} | {steady / limit:.0%} | "
                   f"{record / 1024:.1f} | {io_limit:.0f} | {steady / min(limit, io_limit):.0%} | "
                   f"{steady / baseline:.0f}x | {peak / 2 ** 30:.2f} GB |", flush=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The ETL's own flags. Unknown flags are Beam's (`--runner`, `--project`, `--labels key=value`, ...) and
-pass through. TF- and Beam-free, so that `--help` and flag errors answer at once."""
+pass through. TensorFlow-free, and Beam loads only to check flags meant for it (or a gs:// --labels),
+so that `--help` and flag errors answer at once."""
 from __future__ import annotations
 
 import argparse

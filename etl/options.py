@@ -85,8 +85,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
-    """(the ETL's config, the remaining flags for Beam). Bad values are errors naming the flag."""
+def parse_etl_args(argv: Sequence[str], check_beam_flags: bool = True) -> tuple[EtlConfig, list[str]]:
+    """(the ETL's config, the remaining flags for Beam). Bad values are errors naming the flag (exit 2).
+    `check_beam_flags=False` leaves `refuse_unknown_beam_flags` (which loads Beam) to the caller."""
     parser = make_arg_parser()
     argv, old_spelling, problems = take_labels_files(argv)
     args, beam_args = parser.parse_known_args(argv)
@@ -122,15 +123,28 @@ def parse_etl_args(argv: Sequence[str]) -> tuple[EtlConfig, list[str]]:
         value = getattr(config, name)
         if value and not is_remote(value) and os.path.exists(value):
             config = dataclasses.replace(config, **{name: os.path.abspath(value)})
-    unknown = _flags_unknown_to_beam(beam_args)
-    if unknown:
-        ours = [f"--{field.name}" for field in dataclasses.fields(EtlConfig)]
-        hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-            flag.replace("-", "_").replace("__", "--"), ours, n=1)) else flag for flag in unknown]
-        problems.append(f"unknown flag(s) {', '.join(hints)}: neither the ETL's nor Beam's")
+    if check_beam_flags:
+        problems.extend(_unknown_flags_problem(beam_args))
     if problems:
         parser.error("; ".join(problems))
     return config, beam_args
+
+
+def refuse_unknown_beam_flags(beam_args: Sequence[str]) -> None:
+    """Exits 2, as a flag error, when a flag is neither the ETL's nor Beam's."""
+    problems = _unknown_flags_problem(beam_args)
+    if problems:
+        make_arg_parser().error(problems[0])
+
+
+def _unknown_flags_problem(beam_args: Sequence[str]) -> list[str]:
+    unknown = _flags_unknown_to_beam(beam_args)
+    if not unknown:
+        return []
+    ours = [f"--{field.name}" for field in dataclasses.fields(EtlConfig)]
+    hints = [f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+        flag.replace("-", "_").replace("__", "--"), ours, n=1)) else flag for flag in unknown]
+    return [f"unknown flag(s) {', '.join(hints)}: neither the ETL's nor Beam's"]
 
 
 def take_labels_files(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

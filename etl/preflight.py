@@ -11,7 +11,7 @@ import os
 from typing import Sequence
 
 from etl.errors import EtlError
-from etl.options import EtlConfig, parse_etl_args
+from etl.options import EtlConfig, parse_etl_args, refuse_unknown_beam_flags
 from shared.paths import is_remote
 
 
@@ -26,8 +26,9 @@ class CheckedRun:
 def check_run(argv: Sequence[str]) -> CheckedRun:
     """Parses the flags (a bad one exits 2, as argparse does) and raises EtlError for a class names
     file that cannot be used, a local --input that does not exist, or an --output inside a class-folder
-    --input. The output folder itself is checked by `publish.prepare_output`."""
-    config, beam_args = parse_etl_args(argv)
+    --input. The output folder itself is checked by `publish.prepare_output`. Beam's flags are checked
+    last: that loads Beam (~1.2 s), and `make etl` always passes some."""
+    config, beam_args = parse_etl_args(argv, check_beam_flags=False)
     class_names = read_labels_file(config.class_names_file) if config.class_names_file else None
     if not is_remote(config.input) and not os.path.exists(config.input):
         raise EtlError(f"--input {config.input} does not exist (a CSV of path,label rows, or a folder of "
@@ -39,6 +40,7 @@ def check_run(argv: Sequence[str]) -> CheckedRun:
         # records, shifting the indices of the classes sorted after it.
         raise EtlError(f"--output {config.output} lies inside the class-folder --input {config.input}; "
                        "choose an output folder outside it")
+    refuse_unknown_beam_flags(beam_args)
     return CheckedRun(config, beam_args, class_names, folder_input)
 
 

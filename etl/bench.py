@@ -5,8 +5,9 @@ Corpus: photo-like JPEGs (~300x400 px, ~25 KB) cut from the photographs scikit-i
 so peak memory is that of the whole process tree. Images/s is reported end to end and as the
 steady rate: (N - N/4) / (run() time for N - run() time for N/4), which removes the fixed
 costs (imports, Beam set-up and publishing, whatever the input size). The start-up column is
-the seconds from starting the process to the first image read (imports, flag and folder checks,
-building and staging the pipeline, reading the CSV), and its share of the wall time. In the same
+the seconds from starting the process to the first record written (imports, flag and folder
+checks, building and staging the pipeline, reading the CSV, TensorFlow's import in the steps),
+and its share of the wall time. In the same
 run: the decode+resize limit (tf.data, all cores, the shared preprocessing function) and the
 book's per-element eager way (`FloatList` from the tensor), for the ratios.
 """
@@ -79,15 +80,15 @@ def _tree_rss_bytes(pid: int) -> int:
 
 
 # Runs the ETL in a fresh process; prints the seconds `run()` took (imports excluded) and the
-# wall-clock time of the first image read.
+# wall-clock time of the first record written.
 _TIMED_RUN = ("import json, sys, time; from etl import pipeline, progress; t = time.perf_counter(); "
               "pipeline.run(sys.argv[1:]); print(json.dumps({'run': time.perf_counter() - t, "
-              "'first_image_at': progress.TALLY.first_time(progress.IMAGES)}))")
+              "'first_record_at': progress.TALLY.first_time(progress.RECORDS)}))")
 
 
 def run_measured(argv: list[str]) -> tuple[float, float, int, float]:
     """(wall seconds of the process, seconds inside the ETL's run(), peak tree RSS bytes, seconds from
-    starting the process to the first image read) of one ETL run in its own process, sampling memory
+    starting the process to the first record written) of one ETL run in its own process, sampling memory
     every 50 ms."""
     start, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen([sys.executable, "-c", _TIMED_RUN, *argv], cwd=ROOT, stdout=subprocess.PIPE,
@@ -109,7 +110,7 @@ def run_measured(argv: list[str]) -> tuple[float, float, int, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"etl {' '.join(argv)} failed:\n{stderr.decode()[-2000:]}")
     timed = json.loads(stdout.decode().splitlines()[-1])
-    return time.perf_counter() - start, timed["run"], peak, timed["first_image_at"] - started_at
+    return time.perf_counter() - start, timed["run"], peak, timed["first_record_at"] - started_at
 
 
 def etl_argv(input_dir, output, form, workers, image_size, module):

@@ -187,6 +187,6 @@ def run(argv: Sequence[str] | None = None, checked: preflight.CheckedRun | None 
         publish.discard(temp_dir)
         raise
     logging.info("Wrote %s", config.output)
-    for line in progress.summary_lines(meta, time.time() - started, progress_log.first_image_after(started)):
+    for line in progress.summary_lines(meta, time.time() - started, progress_log.first_record_after(started)):
         logging.info("  %s", line)
     return meta

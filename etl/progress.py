@@ -112,10 +112,10 @@ class ProgressLog:
         now = TALLY.snapshot()
         return {name: value - self._base.get(name, 0) for name, value in now.items()}
 
-    def first_image_after(self, since: float) -> float | None:
-        """Seconds from `since` (a time.time()) to this run's first image read; None: none read, or
-        not in this process."""
-        first = TALLY.first_time(IMAGES)
+    def first_record_after(self, since: float) -> float | None:
+        """Seconds from `since` (a time.time()) to this run's first record: when the work started,
+        TensorFlow's import by the steps included. None: no record, or none in this process."""
+        first = TALLY.first_time(RECORDS)
         return None if first is None else first - since
 
     def _report(self) -> None:
@@ -133,7 +133,7 @@ class ProgressLog:
         return False
 
 
-def summary_lines(meta, seconds: float, first_image_after: float | None = None) -> list[str]:
+def summary_lines(meta, seconds: float, first_record_after: float | None = None) -> list[str]:
     """The end of a run: records per split, bytes and shards, rejects by reason, wall time."""
     splits = meta.splits.values()
     records = sum(s.num_examples for s in splits)
@@ -141,7 +141,7 @@ def summary_lines(meta, seconds: float, first_image_after: float | None = None) 
     shards = sum(len(s.shards) for s in splits)
     rejected = meta.extra["rejected"]
     reasons = ", ".join(f"{reason} {n:,}" for reason, n in rejected["by_reason"].items())
-    start_up = f", the first image read after {first_image_after:.1f} s" if first_image_after is not None else ""
+    start_up = f", the first record written after {first_record_after:.1f} s" if first_record_after is not None else ""
     return [f"records: {', '.join(f'{name} {split.num_examples:,}' for name, split in meta.splits.items())} "
             f"({records:,} in all); {size_text(size)} in {shards} shard{'s' if shards != 1 else ''}",
             f"rejected: {rejected['count']:,}{f' ({reasons})' if reasons else ''} of "

@@ -60,7 +60,7 @@ def test_a_run_logs_progress_while_it_works_and_a_summary_at_the_end(tmp_path, m
     assert summary[:2] == [
         f"  records: {split_counts} (8 in all); {size} in {len(shards)} shards",
         "  rejected: 4 (duplicate 1, malformed_row 1, missing_file 2) of 12 rows"]
-    assert re.fullmatch(r"  wall time: 0:00:\d\d, the first image read after \d+\.\d s", summary[2])
+    assert re.fullmatch(r"  wall time: 0:00:\d\d, the first record written after \d+\.\d s", summary[2])
 
 
 def test_the_command_shows_the_projects_lines_not_beams(tmp_path, messy_csv):

@@ -29,7 +29,7 @@ def check_run(argv: Sequence[str]) -> CheckedRun:
     --input. The output folder itself is checked by `publish.prepare_output`. Beam's flags are checked
     last: that loads Beam (~1.2 s), and `make etl` always passes some."""
     config, beam_args = parse_etl_args(argv, check_beam_flags=False)
-    class_names = read_labels_file(config.class_names_file) if config.class_names_file else None
+    class_names = read_class_names_file(config.class_names_file) if config.class_names_file else None
     if not is_remote(config.input) and not os.path.exists(config.input):
         raise EtlError(f"--input {config.input} does not exist (a CSV of path,label rows, or a folder of "
                        "class sub-folders)")
@@ -88,7 +88,7 @@ def read_text(path: str) -> str:
                        f"save it as UTF-8") from None
 
 
-def read_labels_file(path: str) -> list[str]:
+def read_class_names_file(path: str) -> list[str]:
     """One class name per line; blank lines ignored; a repeated name is an error."""
     names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     seen = set()

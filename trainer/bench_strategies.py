@@ -173,7 +173,7 @@ def format_table(rows: list[tuple[RowPlan, dict]]) -> str:
 
 def make_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.bench_strategies", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 epilog="Other flags (--model, --image_size, --num_hidden, ...) go to the trainer's parser.")
     p.add_argument("--data", required=True, help="ETL output folder")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {STRATEGIES}")

@@ -239,7 +239,7 @@ def run(data_dir: str, num_images: int = 512, batch_size: int = 32, python_image
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.bench_vectorise", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="ETL output folder (jpeg or pixels form)")
     p.add_argument("--num_images", type=int, default=512, help="images each row converts")
     p.add_argument("--batch_size", type=int, default=32)

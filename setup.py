@@ -49,6 +49,8 @@ SERVING = [
     "orjson>=3.9,<4",
     "pybase64>=1.3,<2",
     "matplotlib>=3.8,<4",  # trainer.predict --grid
+    # The server measures its own memory at start to state its bound (trainer.serving.resources).
+    "psutil>=5.9,<8",
 ]
 
 TUNING = TRAINING + [

@@ -84,12 +84,14 @@ def direct(test_export):
 
 
 def assert_predictions_equal(got: list[dict], expected: list[dict]):
+    """A tolerance that holds across batch compositions: the server merges concurrent requests into
+    one call, and oneDNN picks kernels by batch size (1.9e-6 relative seen between batches of 2 and 1)."""
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g["class_name"] == e["class_name"].decode()
         assert g["class_index"] == int(e["class_index"])
-        np.testing.assert_allclose(g["probability"], e["probability"], rtol=1e-6)
-        np.testing.assert_allclose(g["probabilities"], e["probabilities"], rtol=1e-6)
+        np.testing.assert_allclose(g["probability"], e["probability"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g["probabilities"], e["probabilities"], rtol=1e-5, atol=1e-7)
 
 
 IMAGES = [make_image_bytes((250, 10, 10)), make_image_bytes((10, 230, 10), "JPEG"), make_image_bytes((120, 120, 130)),

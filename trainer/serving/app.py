@@ -3,13 +3,17 @@
   GET  /v1/models/<name>                 version status
   GET  /v1/models/<name>/metadata        the serving signature
   POST /v1/models/<name>:predict         {"instances": [...]} -> {"predictions": [...]}
-(also under /v1/models/<name>/versions/1/...). Errors are {"error": "..."} with a 4xx or 5xx status,
-as TF Serving sends them, so one client works against this server, TF Serving or a managed endpoint.
+(also under /v1/models/<name>/versions/1/...), and Vertex AI's custom-container routes when given
+(`VertexRoutes`: the same bodies). Errors are {"error": "..."} with a 4xx or 5xx status, as TF
+Serving sends them, so one client works against this server, TF Serving or a managed endpoint.
 
-TensorFlow calls block, so parsing, checking and predicting run in the threadpool; the event loop
-only reads bodies (counting bytes, so an oversized body is refused before it is all read). All
-full decodes (the model's, and PIL's of formats TF cannot read) run in one of a bounded number of
-model slots, so memory is bounded by slots x the per-request pixel limit, not by the client count.
+The event loop only reads bodies (counting bytes, so an oversized body is refused before it is all
+read, and within a deadline); parsing runs in the threadpool, at most PARSE_SLOTS at once. With
+batching (`trainer.serving.batching`) the checked images of concurrent requests then go to one model
+call; without it each request takes a model slot of its own. All full decodes (the model's, and
+PIL's of formats TF cannot read) run in one of MODEL_CALLS_IN_FLIGHT model calls, each within the
+per-request pixel limit, so memory is bounded by the limits, not by the client count
+(`resources.memory_bound`).
 
 Starlette rather than FastAPI (built on it): this app validates requests itself and has no OpenAPI
 docs, so FastAPI's extra layers (dependency solving, telemetry and body-limit middleware) only cost
@@ -18,14 +22,16 @@ interleaved runs each on 2 cores with the digits export.
 
 Every prediction carries a W3C `Server-Timing` header (milliseconds; browsers' dev tools and
 `trainer.serving.bench` read it), so a client can see where a slow request went:
-  read   receiving the body          parse  JSON, base64, header checks, converting formats TF cannot read
-  queue  waiting for a model slot    model  the batched call, with its input and output conversion
-  total  from the handler's start to the encoded response: total minus the four is the two thread
+  read   receiving the body          parse  JSON, base64, header checks
+  queue  waiting for a model call    model  the (batched) call: converting formats TF cannot read,
+                                            the model, its input and output conversion
+  total  from the handler's start to the encoded response: total minus the four is the thread
          hand-offs and encoding the response
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -39,121 +45,184 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trainer.serving import resources
+from trainer.serving.batching import Batcher, BatchingOptions, QueueFull
 from trainer.serving.contract import SERVING_SIGNATURE
-from trainer.serving.exported_model import BatchDecodeError, ExportedModel, ExportError, load_exported_model
-from trainer.serving.request_checks import RequestRejected, ServingLimits, check_predict_request, to_model_inputs
+from trainer.serving.exported_model import ExportedModel, load_exported_model
+from trainer.serving.model_calls import pixels_of, predict_requests, warm_up
+from trainer.serving.request_checks import RequestRejected, ServingLimits, check_predict_request
 
 MODEL_VERSION = "1"  # TF Serving's layout: export/ mounted as /models/<name>/1
-# One batch per core. Each batch in flight may hold up to max_request_pixels decoded, so this bounds
-# memory; and on 2 cores with 4 clients sending 32-image requests, 8 in flight was within run-to-run
-# noise of 2 (810-890 vs 650-860 images/s with the test model).
+# One model call per core. Each may hold up to max_request_pixels decoded, so this bounds memory;
+# and on 2 cores with 4 clients sending 32-image requests, 8 in flight was within run-to-run noise
+# of 2 (810-890 vs 650-860 images/s with the test model).
 MODEL_CALLS_IN_FLIGHT = max(1, os.cpu_count() or 1)
+# Bodies parsed at once: each parse holds two more bodies' worth (resources.PARSE_BODIES).
+PARSE_SLOTS = max(1, os.cpu_count() or 1)
+CLOSES_CONNECTION = (408, 413)  # may be answered before the whole body arrived: the rest is not wanted
 
 log = logging.getLogger("trainer.serve")
 
 
-def make_app(model_path: str, model_name: str = "model", limits: ServingLimits = ServingLimits()) -> Starlette:
+@dataclasses.dataclass(frozen=True)
+class VertexRoutes:
+    """Vertex AI's custom-container routes (its AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE)."""
+    health: str
+    predict: str
+
+
+def make_app(model_path: str, model_name: str = "model", limits: ServingLimits = ServingLimits(),
+             connections: resources.ConnectionLimits = resources.ConnectionLimits(),
+             batching: BatchingOptions | None = BatchingOptions(), vertex: VertexRoutes | None = None) -> Starlette:
     """Loads the export at `model_path` (ExportError if it does not fit the contract) and returns the app,
-    which warms the model up when it starts (`warm_up`; ExportError there if that prediction fails)."""
+    which warms the model up when it starts (`warm_up`; ExportError there if that prediction fails).
+    `batching` None: each request is its own model call."""
     model = load_exported_model(model_path)
-    model_calls = threading.BoundedSemaphore(MODEL_CALLS_IN_FLIGHT)
-
-    def check_model(request: Request) -> None:
-        name, version = request.path_params["name"], request.path_params.get("version")
-        if name != model_name:
-            raise RequestRejected(404, f"Servable not found for request: Latest({name[:100]}); this server serves {model_name!r}")
-        if version is not None and version != MODEL_VERSION:
-            raise RequestRejected(404, f"Servable not found for request: Specific({name[:100]}, {version[:20]}); "
-                                       f"the only version is {MODEL_VERSION}")
-
-    async def status(request: Request) -> Response:
-        check_model(request)
-        return JSONResponse({"model_version_status": [{"version": MODEL_VERSION, "state": "AVAILABLE",
-                                                       "status": {"error_code": "OK", "error_message": ""}}]})
-
-    async def metadata(request: Request) -> Response:
-        check_model(request)
-        return JSONResponse({"model_spec": {"name": model_name, "signature_name": "", "version": MODEL_VERSION},
-                             "metadata": {"signature_def": {"signature_def": signature_defs(model)}}})
-
-    async def predict(request: Request) -> Response:
-        check_model(request)
-        started = time.perf_counter()
-        body = await read_body_within(request, limits.max_body_bytes)
-        seconds = {"read": time.perf_counter() - started}
-
-        def parse_and_predict() -> list[dict]:
-            parse_start = time.perf_counter()
-            checked = check_predict_request(body, limits)
-            queue_start = time.perf_counter()
-            with model_calls:
-                convert_start = time.perf_counter()
-                # Formats TF cannot read are decoded here: in a slot, so their memory is bounded like
-                # the model's (outside, 6 requests of two 40 MP TIFFs took the server from 0.7 to 3.3 GB).
-                images = to_model_inputs(checked)
-                model_start = time.perf_counter()
-                try:
-                    predictions = model.predict(images)
-                except BatchDecodeError as e:
-                    raise RequestRejected(400, f"instance {e.index}: {e.detail}") from None
-            seconds.update(parse=(queue_start - parse_start) + (model_start - convert_start),
-                           queue=convert_start - queue_start, model=time.perf_counter() - model_start)
-            return predictions
-
-        predictions = await anyio.to_thread.run_sync(parse_and_predict)
-        content = orjson.dumps({"predictions": predictions})  # 4x faster than JSONResponse's json.dumps
-        seconds["total"] = time.perf_counter() - started
-        return Response(content, media_type="application/json", headers={"server-timing": server_timing(seconds)})
-
-    async def rejected(request: Request, e: RequestRejected) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status)
-
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        # Unknown paths and wrong methods get TF Serving's {"error"} shape too.
-        return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path[:200]}"}, status_code=e.status_code)
-
-    async def failed(request: Request, e: Exception) -> JSONResponse:
-        log.exception("predict failed on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
-
-    prefixes = ("/v1/models/{name}", "/v1/models/{name}/versions/{version}")  # the second names a version
-    routes = ([Route(prefix, status, methods=["GET"]) for prefix in prefixes]
-              + [Route(f"{prefix}/metadata", metadata, methods=["GET"]) for prefix in prefixes]
-              + [Route(f"{prefix}:predict", predict, methods=["POST"]) for prefix in prefixes])
+    answer = Answerer(model, limits, batching)
+    predict = make_predict_handler(answer, model_name, limits, connections)
+    routes = tf_serving_routes(model, model_name, predict) + (vertex_routes(vertex, predict) if vertex else [])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await anyio.to_thread.run_sync(warm_up, model)  # the path requests take: the threadpool, then the model
+        bound = resources.memory_bound(resources.resident_bytes(), connections, limits,
+                                       PARSE_SLOTS, MODEL_CALLS_IN_FLIGHT)
+        log.info("memory bound: %s", bound.describe())
         yield
+        answer.close()
 
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={RequestRejected: rejected, HTTPException: http_error, Exception: failed})
-
-
-def warm_up(model: ExportedModel) -> None:
-    """One prediction on a small generated JPEG when the server starts, through the threadpool as a
-    request goes: TensorFlow's first call of a loaded signature optimizes its graph and sets up its
-    kernels, and anyio starts its worker thread. Without it the first client's single-image request
-    took 80 ms in the handler, 28 ms with the model warmed outside the threadpool, 2.8 ms so (the next
-    ones ~2.3 ms; digits export, 2 cores). TF Serving does the same with its warm-up records."""
-    import io
-
-    from PIL import Image
-
-    jpeg = io.BytesIO()
-    Image.new("RGB", (32, 32), (128, 128, 128)).save(jpeg, format="JPEG")
-    started = time.perf_counter()
-    try:
-        model.predict([jpeg.getvalue()])
-    except Exception as e:  # a model that cannot answer a plain JPEG would fail every request: refuse to start
-        raise ExportError(f"{model.path} failed its warm-up prediction on a 32x32 JPEG: "
-                          f"{type(e).__name__}: {e}") from e
-    log.info("warmed up %s with one prediction in %.0f ms", model.path, (time.perf_counter() - started) * 1e3)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        RequestRejected: rejected, HTTPException: http_error, Exception: failed})
 
 
-async def read_body_within(request: Request, max_bytes: int) -> bytes:
-    """The whole body, or RequestRejected(413) as soon as it is known to exceed `max_bytes`:
-    from Content-Length before reading anything, else while streaming (chunked uploads)."""
+class Answerer:
+    """A request body -> (its predictions, seconds by phase): parsed in a parse slot, then predicted
+    in a batch with other requests' images, or in a model slot of its own when batching is off."""
+
+    def __init__(self, model: ExportedModel, limits: ServingLimits, batching: BatchingOptions | None):
+        self.model = model
+        self.limits = limits
+        self.parse_slots = threading.BoundedSemaphore(PARSE_SLOTS)
+        self.model_slots = threading.BoundedSemaphore(MODEL_CALLS_IN_FLIGHT)
+        self.batcher = None
+        if batching is not None:
+            # One batch thread per model slot, and a batch holds no more pixels than one request may.
+            batching = dataclasses.replace(batching, num_batch_threads=MODEL_CALLS_IN_FLIGHT,
+                                           max_batch_pixels=limits.max_request_pixels)
+            self.batcher = Batcher(lambda requests: predict_requests(model, requests), batching)
+
+    async def __call__(self, body: list[bytes]) -> tuple[list[dict], dict[str, float]]:
+        """`body` is a list holding the body, which parsing takes out of it: from then on the request
+        holds only its decoded images, not the body as well (resources.memory_bound counts one of them)."""
+        if self.batcher is None:
+            return await anyio.to_thread.run_sync(self.parse_and_predict, body)
+        checked, parse_seconds = await anyio.to_thread.run_sync(self.parse, body)
+        enqueued = time.perf_counter()
+        try:
+            predictions, timing = await self.batcher.submit(checked, len(checked), pixels_of(checked))
+        except QueueFull as e:
+            raise RequestRejected(503, str(e)) from None
+        return predictions, {"parse": parse_seconds, "queue": timing.started - enqueued,
+                             "model": timing.finished - timing.started}
+
+    def parse(self, body: list[bytes]) -> tuple[list, float]:
+        started = time.perf_counter()
+        with self.parse_slots:
+            checked = check_predict_request(body.pop(), self.limits)
+        return checked, time.perf_counter() - started
+
+    def parse_and_predict(self, body: list[bytes]) -> tuple[list[dict], dict[str, float]]:
+        checked, parse_seconds = self.parse(body)
+        queue_start = time.perf_counter()
+        with self.model_slots:
+            model_start = time.perf_counter()
+            [outcome] = predict_requests(self.model, [checked])
+        if isinstance(outcome, RequestRejected):
+            raise outcome
+        return outcome, {"parse": parse_seconds, "queue": model_start - queue_start,
+                         "model": time.perf_counter() - model_start}
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def make_predict_handler(answer: Answerer, model_name: str, limits: ServingLimits,
+                         connections: resources.ConnectionLimits):
+    """The POST handler of TF Serving's :predict and Vertex AI's predict route: {"instances"} -> {"predictions"}."""
+
+    async def predict(request: Request) -> Response:
+        if "name" in request.path_params:
+            check_model(request, model_name)
+        started = time.perf_counter()
+        body = [await read_body_within(request, limits.max_body_bytes, connections.body_timeout_s)]
+        seconds = {"read": time.perf_counter() - started}
+        predictions, phases = await answer(body)
+        content = orjson.dumps({"predictions": predictions})  # 4x faster than JSONResponse's json.dumps
+        seconds.update(phases, total=time.perf_counter() - started)
+        return Response(content, media_type="application/json", headers={"server-timing": server_timing(seconds)})
+
+    return predict
+
+
+def check_model(request: Request, model_name: str) -> None:
+    name, version = request.path_params["name"], request.path_params.get("version")
+    if name != model_name:
+        raise RequestRejected(404, f"Servable not found for request: Latest({name[:100]}); this server serves {model_name!r}")
+    if version is not None and version != MODEL_VERSION:
+        raise RequestRejected(404, f"Servable not found for request: Specific({name[:100]}, {version[:20]}); "
+                                   f"the only version is {MODEL_VERSION}")
+
+
+def model_status() -> dict:
+    return {"model_version_status": [{"version": MODEL_VERSION, "state": "AVAILABLE",
+                                      "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+def tf_serving_routes(model: ExportedModel, model_name: str, predict) -> list[Route]:
+    async def status(request: Request) -> Response:
+        check_model(request, model_name)
+        return JSONResponse(model_status())
+
+    async def metadata(request: Request) -> Response:
+        check_model(request, model_name)
+        return JSONResponse({"model_spec": {"name": model_name, "signature_name": "", "version": MODEL_VERSION},
+                             "metadata": {"signature_def": {"signature_def": signature_defs(model)}}})
+
+    prefixes = ("/v1/models/{name}", "/v1/models/{name}/versions/{version}")  # the second names a version
+    return ([Route(prefix, status, methods=["GET"]) for prefix in prefixes]
+            + [Route(f"{prefix}/metadata", metadata, methods=["GET"]) for prefix in prefixes]
+            + [Route(f"{prefix}:predict", predict, methods=["POST"]) for prefix in prefixes])
+
+
+def vertex_routes(vertex: VertexRoutes, predict) -> list[Route]:
+    """Vertex AI's health check and predict route. Health is 200 whenever the server answers: it
+    listens only once the model is loaded and warmed up (uvicorn runs the lifespan first)."""
+    async def health(request: Request) -> Response:
+        return JSONResponse(model_status())
+
+    return [Route(vertex.health, health, methods=["GET"]), Route(vertex.predict, predict, methods=["POST"])]
+
+
+async def rejected(request: Request, e: RequestRejected) -> JSONResponse:
+    headers = {"connection": "close"} if e.status in CLOSES_CONNECTION else None
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    # Unknown paths and wrong methods get TF Serving's {"error"} shape too.
+    return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path[:200]}"}, status_code=e.status_code)
+
+
+async def failed(request: Request, e: Exception) -> JSONResponse:
+    log.exception("predict failed on %s", request.url.path)
+    return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+
+
+async def read_body_within(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, or RequestRejected(413) as soon as it is known to exceed `max_bytes`: from
+    Content-Length before reading anything, else while streaming (chunked uploads); RequestRejected(408)
+    if it has not all arrived `timeout_s` after the handler started (a client that trickles or stalls)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -164,12 +233,18 @@ async def read_body_within(request: Request, max_bytes: int) -> bytes:
     chunks = []
     received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise RequestRejected(413, f"the body exceeds the limit of {max_bytes:,} bytes (--max_body_mb); "
-                                           f"send fewer or smaller images per request")
-            chunks.append(chunk)
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise RequestRejected(413, f"the body exceeds the limit of {max_bytes:,} bytes (--max_body_mb); "
+                                               f"send fewer or smaller images per request")
+                chunks.append(chunk)
+    except TimeoutError:
+        log.info("dropped a client whose body did not arrive within %g s (--body_timeout_s): %d of %s bytes",
+                 timeout_s, received, declared or "unknown")
+        raise RequestRejected(408, f"the body did not arrive within {timeout_s:g} s (--body_timeout_s): "
+                                   f"{received:,} of {declared or 'unknown'} bytes") from None
     except ClientDisconnect:
         # An aborted upload or a client's timeout, not a server fault: no 500 and no traceback in the
         # log (a client could fill it so). The answer goes nowhere; uvicorn drops it.

@@ -168,10 +168,12 @@ def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
     return LimitedHttpToolsProtocol
 
 
-def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits):
-    """The uvicorn.Config that serves `app` within `limits` (`uvicorn.Server(config).run()`)."""
+def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits, access_log: bool = False):
+    """The uvicorn.Config that serves `app` within `limits` (`uvicorn.Server(config).run()`). No access
+    log by default, as TF Serving: a line per request cost 0.1-0.2 ms of a single image's 1.4 ms of CPU."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="info", http=make_protocol_class(limits),
+                          access_log=access_log,
                           limit_concurrency=limits.max_connections,
                           timeout_keep_alive=limits.keep_alive_timeout_s)

@@ -3,7 +3,7 @@
     python -m trainer.serve --model runs/r1/export [--host 127.0.0.1] [--port 8501] [--model_name model]
         [--allow_root DIR] [--max_body_mb 10] [--max_instances 64]
         [--enable_batching true] [--max_batch_size 32] [--batch_timeout_micros 0] [--max_enqueued_batches 64]
-        [--max_connections 64] [--header_timeout_s 10] [--body_timeout_s 60] [--keep_alive_timeout_s 5]
+        [--max_connections 64] [--header_timeout_s 10] [--body_timeout_s 60] [--keep_alive_timeout_s 5] [--access_log]
 
 then POST {"instances": [{"image_bytes": {"b64": "..."}}]} to /v1/models/model:predict.
 The same request works against TF Serving's Docker image (see the README).
@@ -103,6 +103,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     c.add_argument("--keep_alive_timeout_s", type=float, default=connections.keep_alive_timeout_s,
                    help="an idle keep-alive connection is closed after this (default: %(default)s)")
+    p.add_argument("--access_log", action="store_true", help="log a line per request (default: off, as TF Serving)")
     p.add_argument("--thread_spinning", action="store_true",
                    help="let TensorFlow's thread pools spin between model calls (default: they sleep, which "
                         "was faster on 2 cores; see trainer.serving.exported_model.disable_thread_spinning)")
@@ -158,7 +159,7 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envir
         app = make_app(model, args.model_name, limits, connections, batching, routes)
     except ExportError as e:
         sys.exit(f"error: {e}")
-    uvicorn.Server(uvicorn_config(app, host, port, connections)).run()
+    uvicorn.Server(uvicorn_config(app, host, port, connections, args.access_log)).run()
 
 
 if __name__ == "__main__":

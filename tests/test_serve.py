@@ -443,7 +443,7 @@ except RuntimeError as e:
 def test_the_serve_command_answers_predictions_with_its_defaults(test_export, direct, tmp_path):
     """`python -m trainer.serve` as a user runs it (thread spinning off), not the app in this process;
     started and awaited as the serving benchmark starts it."""
-    from trainer.serving.bench import free_port, start_server
+    from trainer.serving.bench_client import free_port, start_server
 
     port, log = free_port(), tmp_path / "serve.log"
     server = start_server(test_export, port, str(log), thread_spinning=False)

@@ -30,6 +30,7 @@ def test_bench_measures_every_row_against_the_right_server_and_prints_what_it_re
             assert results[f"p99_ms_{mode}_{clients}"] >= results[f"p50_ms_{mode}_{clients}"] > 0
     # The printed ratios are the returned ones, plainly, without goal bookkeeping.
     assert f"batching on gives {results['batching_gain']:.2f}x the images/s of batching off" in out
+    assert results["batching_ceiling"] == pytest.approx(results["in-process_32_1"] / results["images_per_s_off_16"])
     assert f"{results['p50_added_ms_1']:+.2f} ms" in out
     assert f"{results['server_own_cpu_share_1']:.1%} of the model's" in out
     assert not re.search(r"\b(met|goal)\b", out, re.IGNORECASE)

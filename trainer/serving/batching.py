@@ -136,14 +136,16 @@ class Batcher:
 
     def _finished(self, batch: _Batch, done: asyncio.Future) -> None:
         self._idle_threads += 1
-        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        if error is None:
+        error = None if done.cancelled() else done.exception()
+        if error is None and not done.cancelled():
             results, started, finished = done.result()
             timing = BatchTiming(started, finished, batch.images)
         for index, future in enumerate(batch.futures):
             if future.done():  # its request was cancelled (the server is stopping)
                 continue
-            if error is not None:
+            if done.cancelled():  # the batcher was closed before this batch ran
+                future.cancel()
+            elif error is not None:
                 future.set_exception(error)
             elif isinstance(results[index], BaseException):
                 future.set_exception(results[index])

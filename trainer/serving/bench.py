@@ -314,7 +314,10 @@ def print_ratios(report: Report, caller_counts: Sequence[int], batch_timeout_mic
     p50_added = results["p50_ms_on_1"] - results["p50_ms_off_1"]
     results.update(batching_gain=gain, p50_added_ms_1=p50_added)
     timeout = "the server's default" if batch_timeout_micros is None else f"{batch_timeout_micros} us"
-    print(f"\n{most} clients of single images: batching on gives {gain:.2f}x the images/s of batching off")
+    ceiling = report.paired((IN_PROCESS, big, 1), (NO_BATCHING, 1, most)) * big
+    results.update(batching_ceiling=ceiling)
+    print(f"\n{most} clients of single images: batching on gives {gain:.2f}x the images/s of batching off; "
+          f"the model alone in-process at batch {big} gives {ceiling:.2f}x, what a server that cost nothing could")
     print(f"1 client of single images: p50 latency {results['p50_ms_on_1']:.2f} ms batching on "
           f"(--batch_timeout_micros: {timeout}), {results['p50_ms_off_1']:.2f} ms off: {p50_added:+.2f} ms")
     for callers in caller_counts:

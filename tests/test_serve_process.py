@@ -186,7 +186,9 @@ def read_until_closed(s: socket.socket) -> bytes:
 
 def test_stalled_clients_are_dropped_after_their_timeouts(server):
     """A client that stops mid-body (408), mid-head (408), after connecting (closed), or idles after an
-    answer (keep-alive timeout), and a head still unfinished past its size limit (431): each connection ends."""
+    answer (keep-alive timeout), a head still unfinished past its size limit (431), and the rest of a
+    body answered 413 that trickles (closed after the body timeout): each connection ends. A client
+    that sends a whole oversized body reads its 413, and its connection goes on."""
     port, _, _ = server
     results = {}
 
@@ -215,8 +217,32 @@ def test_stalled_clients_are_dropped_after_their_timeouts(server):
             s.sendall(f"GET {HEALTH_ROUTE} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 20_000}".encode())  # and more to come
             results["huge head"] = read_until_closed(s)
 
-    clients = [threading.Thread(target=f) for f in (stop_mid_body, stop_mid_head, send_nothing,
-                                                    idle_after_an_answer, huge_head)]
+    def oversized_body_sent_in_full():  # answered 413 from its Content-Length, and can read that answer
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            size = MAX_BODY_BYTES + 1
+            s.sendall(f"POST {PREDICT_ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + b"A" * size)
+            s.sendall(f"GET {HEALTH_ROUTE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # the connection goes on
+            results["oversized"] = read_until_closed(s)
+
+    def oversized_body_trickled():  # answered 413 at once; the rest of its body may not take forever
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"POST {PREDICT_ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * MAX_BODY_BYTES}\r\n\r\n".encode())
+            s.settimeout(0.2)
+            answer, closed = b"", False
+            for _ in range(int(ANSWERED_WITHIN_S / 0.2)):
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    s.sendall(b"A")
+                    continue
+                if not chunk:
+                    closed = True
+                    break
+                answer += chunk
+            results["oversized, trickled"] = answer, closed
+
+    clients = [threading.Thread(target=f) for f in (stop_mid_body, stop_mid_head, send_nothing, idle_after_an_answer,
+                                                    huge_head, oversized_body_sent_in_full, oversized_body_trickled)]
     for c in clients:
         c.start()
     for c in clients:
@@ -227,3 +253,7 @@ def test_stalled_clients_are_dropped_after_their_timeouts(server):
     assert results["nothing"] in (b"", results["mid-head"])  # closed with or without a 408
     assert results["keep-alive"].startswith(b"HTTP/1.1 200 ") and results["keep-alive"].count(b"HTTP/1.1") == 1
     assert results["huge head"].startswith(b"HTTP/1.1 431 "), results["huge head"][:200]
+    assert results["oversized"].startswith(b"HTTP/1.1 413 ") and results["oversized"].count(b"HTTP/1.1 200 ") == 1
+    trickled, closed = results["oversized, trickled"]
+    assert trickled.startswith(b"HTTP/1.1 413 ") and trickled.count(b"HTTP/1.1") == 1, trickled[:300]
+    assert closed, "the rest of a body answered 413 trickled on for a minute"

@@ -60,7 +60,7 @@ MODEL_VERSION = "1"  # TF Serving's layout: export/ mounted as /models/<name>/1
 MODEL_CALLS_IN_FLIGHT = max(1, os.cpu_count() or 1)
 # Bodies parsed at once: each parse holds two more bodies' worth (resources.PARSE_BODIES).
 PARSE_SLOTS = max(1, os.cpu_count() or 1)
-CLOSES_CONNECTION = (408, 413)  # may be answered before the whole body arrived: the rest is not wanted
+CLOSES_CONNECTION = (408,)  # the client stalled mid-body: its connection is of no further use
 
 log = logging.getLogger("trainer.serve")
 

@@ -5,9 +5,9 @@ uvicorn (0.55, httptools) answers 503 past `limit_concurrency` and closes idle k
 connections, but it accepts every connection, never times out one that has not sent a whole request
 head, and buffers a head of any size (a 20 MB header grew a bare uvicorn app by 20 MB). So
 `LimitedHttpToolsProtocol` adds, per connection: a cap on open connections (503 and close at once),
-a deadline and a size limit for each request head, and a close when a response goes out before its
-request body has all arrived. The body deadline is the app's (`app.read_body_within`), so it can
-answer 408.
+a deadline and a size limit for each request head, and the body deadline for the rest of a body
+answered before it all arrived (a 413 from Content-Length). The app keeps the body deadline of the
+bodies it reads (`app.read_body_within`), so that it can answer 408.
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         reading_head = True  # from a connection's start, or a request's first byte, to the request's last header
         head_bytes = 0
         head_deadline = None
+        discard_deadline = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -116,6 +117,8 @@ def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc) -> None:
             self._disarm_head_deadline()
+            if self.discard_deadline is not None:
+                self.discard_deadline.cancel()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -141,7 +144,23 @@ def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
-                self.transport.close()  # answered before its body arrived: the rest would go unread
+                # Answered before its body arrived (413 from Content-Length, 404): uvicorn discards the
+                # rest. Closing now would reset the connection under a client still sending, which then
+                # never reads the answer; so it may finish within the body timeout.
+                self.discard_deadline = self.loop.call_later(limits.body_timeout_s, self._discard_timed_out)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            if self.discard_deadline is not None:
+                self.discard_deadline.cancel()
+                self.discard_deadline = None
+
+        def _discard_timed_out(self) -> None:
+            self.discard_deadline = None
+            if not self.transport.is_closing():
+                log.info("closed a connection whose unwanted body did not end within %g s (--body_timeout_s)",
+                         limits.body_timeout_s)
+                self.transport.close()
 
         def _arm_head_deadline(self) -> None:
             self._disarm_head_deadline()

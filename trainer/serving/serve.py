@@ -129,7 +129,8 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envir
                                max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
                                allow_root=args.allow_root)
         batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
-                                   max_enqueued_batches=args.max_enqueued_batches) if args.enable_batching else None
+                                   max_enqueued_batches=args.max_enqueued_batches,
+                                   max_batch_pixels=args.max_request_pixels) if args.enable_batching else None
         connections = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s,
                                        body_timeout_s=args.body_timeout_s,
                                        keep_alive_timeout_s=args.keep_alive_timeout_s)

@@ -7,11 +7,10 @@
 (`VertexRoutes`: the same bodies). Errors are {"error": "..."} with a 4xx or 5xx status, as TF
 Serving sends them, so one client works against this server, TF Serving or a managed endpoint.
 
-The event loop reads bodies (counting bytes, so an oversized body is refused before it is all read,
-and within a deadline). With batching (`trainer.serving.batching`) it also parses them, and the
-checked images of concurrent requests go to one model call; without batching, or when requests may
-name files to read, each request is parsed in the threadpool (at most PARSE_SLOTS at once) and, off,
-takes a model slot of its own. All full decodes (the model's, and
+The event loop only reads bodies (counting bytes, so an oversized body is refused before it is all
+read, and within a deadline); parsing runs in the threadpool, at most PARSE_SLOTS at once. With
+batching (`trainer.serving.batching`) the checked images of concurrent requests then go to one model
+call; without it each request takes a model slot of its own. All full decodes (the model's, and
 PIL's of formats TF cannot read) run in one of MODEL_CALLS_IN_FLIGHT model calls, each within the
 per-request pixel limit, so memory is bounded by the limits, not by the client count
 (`resources.memory_bound`).
@@ -117,12 +116,9 @@ class Answerer:
         holds only its decoded images, not the body as well (resources.memory_bound counts one of them)."""
         if self.batcher is None:
             return await anyio.to_thread.run_sync(self.parse_and_predict, body)
-        if self.limits.allow_root is None:
-            # On the event loop: 0.1-0.2 ms less CPU per request than a thread hand-off (10-15% of a
-            # single-image request), and one parse at a time. Not when requests may name files to read.
-            checked, parse_seconds = self.parse(body)
-        else:
-            checked, parse_seconds = await anyio.to_thread.run_sync(self.parse, body)
+        # Not on the event loop, although that cost 0.1-0.2 ms less CPU per single-image request: with
+        # 200 concurrent requests, 3 of 15 runs saw a client's connection reset (none with a thread).
+        checked, parse_seconds = await anyio.to_thread.run_sync(self.parse, body)
         enqueued = time.perf_counter()
         try:
             predictions, timing = await self.batcher.submit(checked, len(checked), pixels_of(checked))

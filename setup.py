@@ -54,7 +54,7 @@ SERVING = [
 ]
 
 TUNING = TRAINING + [
-    "optuna>=3.6,<6",
+    "optuna>=4.9,<6",  # RetryHeartbeatStaleTrialCallback
     "pyyaml>=6,<7",  # the search-space file, shared with Vertex AI tuning
 ]
 

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -322,7 +323,8 @@ def test_sigterm_stops_trainers_and_exits_130_then_resumes(tmp_path, fake_traine
             os.kill(pid, 0)  # the trainer is gone, not orphaned
     stopped = [t for t in load_study(job).get_trials() if t.state != TrialState.COMPLETE]
     assert stopped and all(t.user_attrs.get("interrupted") for t in stopped)  # (a busy machine may finish one)
-    tune.run(tune_argv(job, space, fake_trainer, "--num_epochs", "4", "--parallel_trials", "2"))
+    # One at a time now: the grid must not count the interrupted trials' points as done.
+    tune.run(tune_argv(job, space, fake_trainer, "--num_epochs", "4", "--parallel_trials", "1"))
     done = [t for t in load_study(job).get_trials() if t.state == TrialState.COMPLETE]
     assert sorted(t.user_attrs["trial_dir"] for t in done) == [str(job / "trials" / "0"), str(job / "trials" / "1")]
 
@@ -336,6 +338,17 @@ def test_resuming_with_another_search_space_is_refused(tmp_path, fake_trainer):
                                              "  batch_size: {type: discrete, values: [32]}\n")
     with pytest.raises(tune.TuneError, match="other"):
         tune.run(tune_argv(job, other, fake_trainer, "--num_epochs", "1"))
+
+
+def test_a_second_tuner_in_the_same_folder_is_refused(tmp_path, fake_trainer):
+    # Its resume would fail the first tuner's running trials and start their trainers a second time.
+    space = write_space(tmp_path / "s.yaml", THREE_BATCH_SIZES)
+    job = tmp_path / "j"
+    with tune.only_tuner_in(job):  # what a running tuner holds
+        message = f"another trainer.tune (pid {os.getpid()}) is tuning in {job}"
+        with pytest.raises(tune.TuneError, match=re.escape(message)):
+            tune.run(tune_argv(job, space, fake_trainer, "--num_epochs", "1"))
+    assert not (job / tune.STUDY_FILE).exists()
 
 
 def test_two_real_trainer_trials_report_epochs_and_export(tmp_path):

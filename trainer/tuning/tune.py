@@ -10,15 +10,19 @@ trails the median of earlier trials at the same epoch.
 
 The job dir holds:
   study.db                the optuna study (SQLite): rerunning the command resumes it
+  tuner.lock              held by the running tuner: a second one in the same folder is refused
   trials/<n>/             trial n's own trainer job dir (and train.log, its output)
   results.csv, best_trial.json, accuracy_vs_params.png   (see trainer.tuning.results)
 
-Resuming: trials that were running when the tuner died are marked failed and queued again with
-the same parameters *and the same trial folder*, so the trainer resumes them from its backup.
+Resuming: trials that were running when the tuner stopped (Ctrl-C, SIGTERM, kill -9) are marked
+failed and queued again with the same parameters, grid point *and trial folder*, so the trainer
+resumes them from its backup; they do not count against --max_trials.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import ctypes
 import dataclasses
 import json
@@ -29,9 +33,14 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, as no death signal
+    fcntl = None
 import optuna
 from optuna.trial import TrialState
 
@@ -41,6 +50,7 @@ from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_ag
                                   load_search_space, to_trial_flags)
 
 STUDY_FILE = "study.db"
+LOCK_FILE = "tuner.lock"  # held by the running tuner; holds its pid
 STUDY_NAME = "tune"
 TRIALS_DIR = "trials"
 TRAINER_LOG = "train.log"
@@ -150,6 +160,25 @@ class _SqliteStorage(optuna.storages.RDBStorage):
             return super().set_trial_state_values(trial_id, state, values)
 
 
+@contextlib.contextmanager
+def only_tuner_in(job_dir: Path) -> Iterator[None]:
+    """Holds job_dir's lock while tuning, so that trials left RUNNING are certainly a dead tuner's.
+    The kernel drops the lock when the process dies, kill -9 included."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with open(job_dir / LOCK_FILE, "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise TuneError(f"another trainer.tune (pid {f.read().strip() or '?'}) is tuning in {job_dir}; "
+                                f"wait for it to end or use another --job_dir") from None
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
+
+
 def open_study(job_dir: Path, space: SearchSpace, fixed_flags: list[str], data: str, seed: int,
                parallel: int) -> optuna.Study:
     """Creates or reopens the study; refuses to mix a different space or fixed flags into it."""
@@ -172,27 +201,32 @@ def open_study(job_dir: Path, space: SearchSpace, fixed_flags: list[str], data: 
     return study
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Marks trials left RUNNING by a dead tuner as failed and queues their parameters again, in
-    their own folder, so the trainer resumes them; returns the numbers queued again."""
-    storage = study._storage  # optuna has no public call to fail a trial whose process is gone
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    done = set(study.user_attrs.get("requeued", []))
+def retry_interrupted(study: optuna.Study) -> list[int]:
+    """Fails the trials a dead tuner left RUNNING, and queues every interrupted trial again with its
+    parameters, grid point and folder, so the trainer resumes it from its backup; returns the
+    numbers queued. Call it holding the job dir's lock, so that no live tuner runs those trials."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        # GridSampler.after_trial may call study.stop(), which optuna refuses outside optimize().
+        sampler, study.sampler = study.sampler, optuna.samplers.RandomSampler()
+        try:
+            for t in running:
+                study.tell(t.number, state=TrialState.FAIL)
+        finally:
+            study.sampler = sampler
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("resumes") for t in trials}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()  # copies params and grid point
     queued = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if t.user_attrs.get("interrupted") and t.number not in done:
-            folder = t.user_attrs.get("trial_dir")
-            study.enqueue_trial(t.params, user_attrs={"resumes": t.number, **({"trial_dir": folder} if folder else {})})
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+            again = copy.deepcopy(t)
+            folder = {"trial_dir": t.user_attrs["trial_dir"]} if "trial_dir" in t.user_attrs else {}
+            again.user_attrs = {"resumes": t.number, **folder}
+            retry(study, again)
             queued.append(t.number)
-            if "grid_id" in t.system_attrs:  # GridSampler needs its grid point on the rerun too
-                waiting = [w for w in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                           if w.user_attrs.get("resumes") == t.number]
-                for key in ("grid_id", "search_space"):
-                    storage.set_trial_system_attr(waiting[-1]._trial_id, key, t.system_attrs[key])
-    if queued:
-        study.set_user_attr("requeued", sorted(done | set(queued)))
     return queued
 
 
@@ -239,6 +273,19 @@ class TrialRunner:
         params = suggest(trial, self.space)
         trial_dir = Path(trial.user_attrs.get("trial_dir") or self.job_dir / TRIALS_DIR / str(trial.number))
         trial.set_user_attr("trial_dir", str(trial_dir))
+        # Until the trainer ends on its own: a signal or a dead tuner leaves it set, and the trial is retried.
+        trial.set_user_attr("interrupted", True)
+        try:
+            value = self._run_trainer(trial, trial_dir, params)
+        except (TrialInterrupted, KeyboardInterrupt):
+            raise
+        except BaseException:  # failed or pruned: a result, not an interruption
+            trial.set_user_attr("interrupted", False)
+            raise
+        trial.set_user_attr("interrupted", False)
+        return value
+
+    def _run_trainer(self, trial: optuna.Trial, trial_dir: Path, params: dict) -> float:
         trial_dir.mkdir(parents=True, exist_ok=True)
         cmd = self.command(trial_dir, params)
         trial.set_user_attr("command", cmd[1:])
@@ -247,7 +294,7 @@ class TrialRunner:
                                     preexec_fn=_dies_with(os.getpid()))
             try:
                 reported = self._watch(trial, proc, trial_dir)
-            except BaseException as e:
+            except BaseException:
                 if proc.poll() is None:  # pruned, or the tuner is being interrupted
                     proc.terminate()
                     try:
@@ -255,11 +302,8 @@ class TrialRunner:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-                if isinstance(e, (TrialInterrupted, KeyboardInterrupt)):
-                    trial.set_user_attr("interrupted", True)
                 raise
         if proc.returncode != 0 and self.stop.is_set():  # Ctrl-C reaches the trainer too
-            trial.set_user_attr("interrupted", True)
             raise TrialInterrupted(f"trial {trial.number} interrupted")
         if proc.returncode != 0:
             tail = (trial_dir / TRAINER_LOG).read_text(errors="replace").splitlines()[-15:]
@@ -329,13 +373,32 @@ def run(argv: Sequence[str] | None = None) -> optuna.Study:
         raise TuneError(f"--data: {e}") from None
 
     job_dir = Path(ns.job_dir)
-    study = open_study(job_dir, space, fixed_flags, ns.data, ns.sampler_seed, parallel)
-    requeued = requeue_interrupted(study)
-    spent = trials_spent(study)
-    remaining = max(0, max_trials - spent)
-    print(f"tune: {spent} trial(s) done, {remaining} to run ({parallel} at a time)"
-          + (f"; resuming interrupted trial(s) {requeued}" if requeued else ""), flush=True)
-    runner = TrialRunner(job_dir, ns.data, space, fixed_flags, ns.trainer_module, ns.poll_seconds)
+    with only_tuner_in(job_dir):
+        study = open_study(job_dir, space, fixed_flags, ns.data, ns.sampler_seed, parallel)
+        retried = retry_interrupted(study)
+        spent = trials_spent(study)
+        remaining = max(0, max_trials - spent)
+        print(f"tune: {spent} trial(s) done, {remaining} to run ({parallel} at a time)"
+              + (f"; resuming interrupted trial(s) {retried}" if retried else ""), flush=True)
+        runner = TrialRunner(job_dir, ns.data, space, fixed_flags, ns.trainer_module, ns.poll_seconds)
+        while remaining and not (runner.stop.is_set() or runner.usage_error):
+            run_trials(study, runner, remaining, parallel)
+            # GridSampler stops the study once every point has been tried, counting an interrupted
+            # trial's point as tried: its retry may still be waiting.
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            remaining = max(0, max_trials - trials_spent(study)) if waiting else 0
+        if runner.usage_error:
+            raise TuneError(f"the trainer rejected its flags; stopped tuning:\n{runner.usage_error}")
+        tune_results.write_results(study, space, job_dir, runner.key)
+    if runner.stop.is_set():
+        raise TuneInterrupted(f"interrupted; rerun the same command to resume the study in {job_dir}")
+    if not any(t.state == TrialState.COMPLETE for t in study.trials):
+        raise TuneError(f"none of the {len(study.trials)} trials completed: see {job_dir}/trials/<n>/{TRAINER_LOG}")
+    return study
+
+
+def run_trials(study: optuna.Study, runner: TrialRunner, n_trials: int, parallel: int) -> None:
+    """Runs n_trials trials, `parallel` at a time; Ctrl-C or SIGTERM stops them all (resumable)."""
 
     def stop_if_asked(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if runner.usage_error or runner.stop.is_set():
@@ -354,20 +417,11 @@ def run(argv: Sequence[str] | None = None) -> optuna.Study:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
-        if remaining:
-            study.optimize(runner, n_trials=remaining, n_jobs=parallel, catch=(TrialFailed, TrialInterrupted),
-                           callbacks=[stop_if_asked, print_trial], gc_after_trial=False)
+        study.optimize(runner, n_trials=n_trials, n_jobs=parallel, catch=(TrialFailed, TrialInterrupted),
+                       callbacks=[stop_if_asked, print_trial], gc_after_trial=False)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if runner.usage_error:
-        raise TuneError(f"the trainer rejected its flags; stopped tuning:\n{runner.usage_error}")
-    tune_results.write_results(study, space, job_dir, runner.key)
-    if runner.stop.is_set():
-        raise TuneInterrupted(f"interrupted; rerun the same command to resume the study in {job_dir}")
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise TuneError(f"none of the {len(study.trials)} trials completed: see {job_dir}/trials/<n>/{TRAINER_LOG}")
-    return study
 
 
 def main() -> None:

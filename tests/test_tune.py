@@ -2,8 +2,9 @@
 parallel, pruned on per-epoch values, and an interrupted study resumes its trials in place.
 
 Most tests use a fake trainer (written below into tmp_path) that parses its flags with the real
-trainer's parser and writes the real trainer's files (epochs.jsonl, metrics.json) in ~0.1 s per
-epoch; the last test runs the real trainer for two tiny trials.
+trainer's parser and writes the real trainer's files with the trainer's own names and epoch-log
+format (trainer.run_folder, trainer.epoch_log) in ~0.1 s per epoch; the last test runs the real
+trainer for two tiny trials.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from trainer.run_folder import EPOCH_LOG_FILE, METRICS_FILE
 from trainer.tuning import results as tune_results, tune
 
 pytestmark = pytest.mark.slow  # every test starts trainer subprocesses
@@ -30,11 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 # Accuracy is a known function of the flags, so the tests can check what the tuner records.
 FAKE_TRAINER = r'''
 import json, os, sys, time
+from trainer import epoch_log
 from trainer.config import parse_config
+from trainer.run_folder import EPOCH_LOG_FILE, METRICS_FILE
 
 c = parse_config(sys.argv[1:])
 os.makedirs(c.job_dir, exist_ok=True)
-log = os.path.join(c.job_dir, "epochs.jsonl")
+log = os.path.join(c.job_dir, EPOCH_LOG_FILE)
 done = sum(1 for _ in open(log)) if os.path.exists(log) else 0
 with open(os.path.join(c.job_dir, "starts.jsonl"), "a") as f:
     f.write(json.dumps({"pid": os.getpid(), "start": time.time(), "resumed_at_epoch": done}) + "\n")
@@ -45,10 +49,10 @@ bad = c.l2 >= 0.15  # flat, hopeless curve: what the pruner should stop
 for epoch in range(done, c.num_epochs):
     time.sleep(float(os.environ.get("FAKE_EPOCH_SECONDS", "0.05")))
     value = 0.1 if bad else final * (epoch + 1) / c.num_epochs
-    with open(log, "a") as f:
-        f.write(json.dumps({"epoch": epoch, "pid": os.getpid(), "val_accuracy": value}) + "\n")
+    with open(log, "a") as f:  # the trainer's own line format
+        f.write(epoch_log.entry_line(epoch, {"loss": 1.0 - value, "val_accuracy": value}))
 metrics = {"val_accuracy": 0.1 if bad else final, "test_accuracy": (0.1 if bad else final) - 0.01}
-json.dump(metrics, open(os.path.join(c.job_dir, "metrics.json"), "w"))
+json.dump(metrics, open(os.path.join(c.job_dir, METRICS_FILE), "w"))
 with open(os.path.join(c.job_dir, "starts.jsonl"), "a") as f:
     f.write(json.dumps({"pid": os.getpid(), "end": time.time()}) + "\n")
 '''
@@ -118,7 +122,7 @@ parameters:
     for t in trials:  # the value is the trial's own metrics.json, which depends on its own flags
         assert t.value == pytest.approx(expected_accuracy(t.params))
         assert Path(t.user_attrs["trial_dir"]) == job / "trials" / str(t.number)
-        assert (job / "trials" / str(t.number) / "metrics.json").exists()
+        assert (job / "trials" / str(t.number) / METRICS_FILE).exists()
     spans = []
     for t in trials:
         lines = [json.loads(x) for x in (job / "trials" / str(t.number) / "starts.jsonl").read_text().splitlines()]
@@ -174,8 +178,8 @@ parameters:
     assert any(t.params["l2"] == 0.2 for t in pruned), [(t.number, t.state, t.params) for t in trials]
     for t in pruned:
         folder = Path(t.user_attrs["trial_dir"])
-        assert not (folder / "metrics.json").exists(), "a pruned trainer must be stopped before it finishes"
-        assert len((folder / "epochs.jsonl").read_text().splitlines()) < 4
+        assert not (folder / METRICS_FILE).exists(), "a pruned trainer must be stopped before it finishes"
+        assert len((folder / EPOCH_LOG_FILE).read_text().splitlines()) < 4
     best_points = [t for t in trials if t.params["l2"] == 0.0 and t.params["batch_size"] != 16]
     assert all(t.state == TrialState.COMPLETE for t in best_points)  # the best curves never trail
 
@@ -242,7 +246,7 @@ def _wait_for(predicate, timeout=60.0):
 
 
 def _epochs_logged(folder: Path) -> int:
-    log = folder / "epochs.jsonl"
+    log = folder / EPOCH_LOG_FILE
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
@@ -369,7 +373,7 @@ def test_two_real_trainer_trials_report_epochs_and_export(tmp_path):
                                                                     .read_text()[-2000:] for t in trials]
     for t in trials:
         folder = Path(t.user_attrs["trial_dir"])
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / METRICS_FILE).read_text())
         assert t.value == pytest.approx(metrics["val_accuracy"])  # the exported weights' accuracy
         assert sorted(t.intermediate_values) == [0, 1]  # one report per epoch, read from the trainer's epochs.jsonl
         assert (folder / "export" / "saved_model.pb").exists()

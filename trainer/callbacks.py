@@ -15,6 +15,7 @@ import os
 import tensorflow as tf
 import tf_keras as keras
 
+from trainer import epoch_log
 from trainer import hypertune_report
 from trainer.run_folder import BACKUP_DIR, BEST_WEIGHTS, EPOCH_LOG_FILE, LOGS_DIR, write_whole
 
@@ -42,7 +43,7 @@ def read_epoch_log(job_dir: str) -> list[dict]:
 
 def history_from_log(entries: list[dict]) -> dict[str, list[float]]:
     """The shape of Keras's History.history, over every epoch of the run (across restarts)."""
-    keys = [k for k in (entries[0] if entries else {}) if k not in ("epoch", "pid")]
+    keys = epoch_log.metric_names(entries[0]) if entries else []
     return {k: [e.get(k) for e in entries] for k in keys}
 
 
@@ -62,7 +63,7 @@ class EpochLog(keras.callbacks.Callback):
         if self.write:
             if MONITOR in logs:  # lets Vertex AI stop an unpromising tuning trial early (no-op elsewhere)
                 hypertune_report.report_metric(logs[MONITOR], epoch + 1)
-            line = json.dumps({"epoch": epoch, "pid": os.getpid(), **logs}) + "\n"
+            line = epoch_log.entry_line(epoch, logs)
             # GFile has no append on every filesystem: the small file is written again, whole.
             old = tf.io.gfile.GFile(self.path).read() if tf.io.gfile.exists(self.path) else ""
             write_whole(self.path, old + line)

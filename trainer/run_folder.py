@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 CONFIG_FILE = "config.json"
-EPOCH_LOG_FILE = "epochs.jsonl"  # one JSON object per finished epoch: {"epoch", "pid", metrics...}
+EPOCH_LOG_FILE = "epochs.jsonl"  # one JSON object per finished epoch; its format: trainer.epoch_log
 HISTORY_FILE = "history.json"
 BEST_WEIGHTS = "checkpoints/best"  # TF checkpoint format: best.index + best.data-*
 BACKUP_DIR = "backup"

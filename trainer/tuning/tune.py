@@ -44,6 +44,7 @@ except ImportError:  # Windows: no lock, as no death signal
 import optuna
 from optuna.trial import TrialState
 
+from trainer import epoch_log
 from trainer.run_folder import EPOCH_LOG_FILE, METRICS_FILE
 from trainer.tuning import results as tune_results
 from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
@@ -238,19 +239,9 @@ def trials_spent(study: optuna.Study) -> int:
 
 
 def read_epoch_values(trial_dir: Path, key: str) -> list[tuple[int, float]]:
-    """(epoch, value) pairs the trainer has logged so far; a half-written last line is skipped."""
+    """(epoch, value) pairs the trainer has logged so far."""
     path = trial_dir / EPOCH_LOG_FILE
-    if not path.exists():
-        return []
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the trainer is rewriting the file right now
-        if key in entry and "epoch" in entry:
-            out[int(entry["epoch"])] = float(entry[key])
-    return sorted(out.items())
+    return epoch_log.metric_by_epoch(path.read_text(), key) if path.exists() else []
 
 
 class TrialRunner:

@@ -355,6 +355,30 @@ def test_a_second_tuner_in_the_same_folder_is_refused(tmp_path, fake_trainer):
     assert not (job / tune.STUDY_FILE).exists()
 
 
+def test_a_results_write_that_fails_part_way_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from trainer.tuning.search_space import parse_search_space
+
+    space = parse_search_space("parameters:\n  batch_size: {type: discrete, values: [16, 32]}\n")
+    study = optuna.create_study(direction="maximize")
+    for n, batch in enumerate((16, 32)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"batch_size": batch}, value=0.5 + n / 10, user_attrs={"trial_dir": f"trials/{n}"},
+            distributions={"batch_size": optuna.distributions.CategoricalDistribution([16, 32])}))
+    tune_results.write_results(study, space, tmp_path, "val_accuracy")
+    before = (tmp_path / tune_results.RESULTS_CSV).read_text()
+
+    class FullDisk:  # the CSV writer calls str() on each value as it writes the row
+        def __str__(self):
+            raise OSError("no space left on device")
+
+    rows = tune_results.trial_rows(study, space, "val_accuracy")
+    rows[-1]["trial_dir"] = FullDisk()
+    monkeypatch.setattr(tune_results, "trial_rows", lambda *args: rows)
+    with pytest.raises(OSError, match="no space left"):
+        tune_results.write_results(study, space, tmp_path, "val_accuracy")
+    assert (tmp_path / tune_results.RESULTS_CSV).read_text() == before
+
+
 def test_two_real_trainer_trials_report_epochs_and_export(tmp_path):
     from tests import trainer_fixtures
 

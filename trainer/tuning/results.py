@@ -8,7 +8,9 @@ flags, and a plot of the metric against each parameter.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -50,13 +52,20 @@ def trial_rows(study: optuna.Study, space: SearchSpace, key: str) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    text = io.StringIO(newline="")
+    if rows:
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    replace_file(path, text.getvalue())
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Writes a temp file, then renames it over `path`: a reader or a kill never leaves half a file."""
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "w", newline="") as f:
+        f.write(text)
+    os.replace(temp, path)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -129,8 +138,10 @@ def plot_metric_vs_params(rows: list[dict], space: SearchSpace, key: str, path: 
     axes.flat[0].legend(fontsize="small")
     fig.suptitle(f"{key} against each parameter ({len(rows)} trials)")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80)
+    temp = path.with_name(path.name + ".tmp")
+    fig.savefig(temp, format="png", dpi=80)
     plt.close(fig)
+    os.replace(temp, path)
 
 
 def write_results(study: optuna.Study, space: SearchSpace, job_dir: Path, key: str) -> dict | None:
@@ -140,7 +151,7 @@ def write_results(study: optuna.Study, space: SearchSpace, job_dir: Path, key: s
     trial = best_trial(study)
     best = describe_best(trial, key) if trial else None
     if best:
-        (job_dir / BEST_TRIAL_JSON).write_text(json.dumps(best, indent=2) + "\n")
+        replace_file(job_dir / BEST_TRIAL_JSON, json.dumps(best, indent=2) + "\n")
     plot_metric_vs_params(rows, space, key, job_dir / PLOT_PNG)
     print(format_summary(rows, space, key, best), flush=True)
     print(f"results: {job_dir / RESULTS_CSV}, {job_dir / PLOT_PNG}" +

@@ -70,9 +70,9 @@ CLOUD = TRAINING + [
 SAMPLE = ["scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"]
 
 # Benchmarks only: peers measured against, and their load generators. Never imported at run time.
-BENCH = SAMPLE + ["httpx>=0.27,<1"]
+BENCH = SAMPLE + ["httpx>=0.27,<1", "psutil>=5.9,<8"]  # psutil: the processes' CPU and memory
 
-TEST = ["pytest>=8,<10", "httpx>=0.27,<1"]
+TEST = ["pytest>=8,<10", "httpx>=0.27,<1", "psutil>=5.9,<8"]
 
 EXTRAS = {
     "etl": ETL,

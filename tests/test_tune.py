@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -279,9 +280,8 @@ def test_killed_tuner_resumes_the_interrupted_trial_in_its_folder(tmp_path, fake
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's new parent may be slow to reap it)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -62,11 +62,25 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def make_arg_parser() -> argparse.ArgumentParser:
+class OptionListingParser(argparse.ArgumentParser):
+    """An ArgumentParser that lists its options: `options` maps each option string to its Action
+    (argparse keeps that list private); trainer.tuning checks search spaces against it."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: dict[str, argparse.Action] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options.update(dict.fromkeys(action.option_strings, action))
+        return action
+
+
+def make_arg_parser() -> OptionListingParser:
     """The parser for `python -m trainer.train`; unknown flags are errors."""
     defaults = TrainConfig(data="", job_dir="")
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = OptionListingParser(prog="python -m trainer.train", description=__doc__,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="ETL output folder (local or gs://) holding metadata.json")
     # Vertex AI sets AIP_MODEL_DIR; an explicit --job_dir wins.
     p.add_argument("--job_dir", "--job-dir", dest="job_dir", default=os.environ.get("AIP_MODEL_DIR"),

@@ -240,11 +240,7 @@ def check_against_trainer(space: SearchSpace, fixed_flags: Sequence[str] = ()) -
     flag is also fixed (the fixed one would silently win or lose, depending on order)."""
     from trainer.config import make_arg_parser
 
-    parser = make_arg_parser()
-    by_flag = {}
-    for action in parser._actions:  # argparse keeps no public list of its options
-        for option in action.option_strings:
-            by_flag[option] = action
+    by_flag = make_arg_parser().options
     problems = []
     for p in space.parameters:
         action = by_flag.get(f"--{p.name}")

@@ -9,20 +9,15 @@ median pruner stops a trial whose per-epoch val_accuracy (read from the trainer'
 trails the median of earlier trials at the same epoch.
 
 The job dir holds:
-  study.db                the optuna study (SQLite): rerunning the command resumes it
-  tuner.lock              held by the running tuner: a second one in the same folder is refused
+  study.db, tuner.lock    the optuna study and the running tuner's lock (see trainer.tuning.study)
   trials/<n>/             trial n's own trainer job dir (and train.log, its output)
   results.csv, best_trial.json, accuracy_vs_params.png   (see trainer.tuning.results)
 
-Resuming: trials that were running when the tuner stopped (Ctrl-C, SIGTERM, kill -9) are marked
-failed and queued again with the same parameters, grid point *and trial folder*, so the trainer
-resumes them from its backup; they do not count against --max_trials.
+Rerunning the same command resumes the study, interrupted trials included, each in its own folder.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import ctypes
 import dataclasses
 import json
@@ -33,47 +28,36 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, as no death signal
-    fcntl = None
 import optuna
 from optuna.trial import TrialState
 
 from trainer import epoch_log
 from trainer.run_folder import EPOCH_LOG_FILE, METRICS_FILE
 from trainer.tuning import results as tune_results
+from trainer.tuning.study import STUDY_FILE, STUDY_NAME  # noqa: F401 - where scripts load the study from
+from trainer.tuning.study import TuneError, only_tuner_in, open_study, retry_interrupted, trials_spent
 from trainer.tuning.search_space import (SearchSpace, SearchSpaceError, check_against_trainer, join_flag_values,
                                   load_search_space, to_trial_flags)
 
-STUDY_FILE = "study.db"
-LOCK_FILE = "tuner.lock"  # held by the running tuner; holds its pid
-STUDY_NAME = "tune"
 TRIALS_DIR = "trials"
 TRAINER_LOG = "train.log"
-PRUNER_STARTUP_TRIALS = 4  # finished trials before any pruning: a median of fewer is noise
-PRUNER_WARMUP_EPOCHS = 1  # never judge a trial on its first epoch alone
 USAGE_ERROR = 2  # argparse's exit code: the flags are wrong, so every trial would fail the same way
 # What a trial can be judged on: the trainer writes these each epoch (for the pruner) and for the
 # exported weights (metrics.json); `accuracy`, Vertex AI's tag, stands for val_accuracy.
 LOCAL_METRICS = ("val_accuracy", "val_loss")
 
 
-# Linux's prctl, looked up once here: the child calls it between fork and exec, where it should
-# do as little as it can.
+# Looked up once here: the child calls it between fork and exec, where it should do as little as it can.
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 _PR_SET_PDEATHSIG = 1
 
 
 def _dies_with(parent_pid: int):
     """A preexec_fn for a trainer (Linux; None elsewhere): SIGTERM when the tuner's thread that
-    started it dies. Ctrl-C and SIGTERM already stop trainers; this covers SIGKILL and the OOM
-    killer, after which an orphan kept writing into its trial folder, where the resumed run
-    started a second trainer."""
+    started it dies, kill -9 and the OOM killer included, so no orphan trains on in a trial folder."""
     if _PRCTL is None:
         return None
 
@@ -82,10 +66,6 @@ def _dies_with(parent_pid: int):
         if os.getppid() != parent_pid:  # the tuner died before the signal was set
             os._exit(1)
     return set_death_signal
-
-
-class TuneError(RuntimeError):
-    """Tuning cannot start or continue; the message names the file, flag or trial."""
 
 
 class TuneInterrupted(TuneError):
@@ -122,21 +102,6 @@ def metric_key(space: SearchSpace) -> str:
     return "val_accuracy" if space.metric == "accuracy" else space.metric
 
 
-def make_sampler(space: SearchSpace, seed: int, parallel: int) -> optuna.samplers.BaseSampler:
-    if space.algorithm == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    if space.algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # constant_liar: running trials count as bad guesses, so parallel workers do not pick the same point
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=parallel > 1)
-
-
-def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
-    if not space.early_stopping:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
-
-
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict:
     params = {}
     for p in space.parameters:
@@ -147,95 +112,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict:
         else:
             params[p.name] = trial.suggest_categorical(p.name, list(p.values))
     return params
-
-
-class _SqliteStorage(optuna.storages.RDBStorage):
-    """optuna starts a queued trial with a read-then-write that SQLite does not lock (it ignores
-    SELECT ... FOR UPDATE), so two parallel workers could both start, and run, the same resumed
-    trial. One lock per process makes that step atomic; all workers live in this process."""
-
-    _state_lock = threading.Lock()
-
-    def set_trial_state_values(self, trial_id, state, values=None):
-        with self._state_lock:
-            return super().set_trial_state_values(trial_id, state, values)
-
-
-@contextlib.contextmanager
-def only_tuner_in(job_dir: Path) -> Iterator[None]:
-    """Holds job_dir's lock while tuning, so that trials left RUNNING are certainly a dead tuner's.
-    The kernel drops the lock when the process dies, kill -9 included."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    with open(job_dir / LOCK_FILE, "a+") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise TuneError(f"another trainer.tune (pid {f.read().strip() or '?'}) is tuning in {job_dir}; "
-                                f"wait for it to end or use another --job_dir") from None
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        yield
-
-
-def open_study(job_dir: Path, space: SearchSpace, fixed_flags: list[str], data: str, seed: int,
-               parallel: int) -> optuna.Study:
-    """Creates or reopens the study; refuses to mix a different space or fixed flags into it."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    storage = _SqliteStorage(f"sqlite:///{job_dir / STUDY_FILE}", engine_kwargs={"connect_args": {"timeout": 60}})
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
-                                direction="maximize" if space.goal == "maximize" else "minimize",
-                                sampler=make_sampler(space, seed, parallel), pruner=make_pruner(space))
-    if study.trials:  # resuming: a fresh seed, or a random search would replay the points it already ran
-        study.sampler = make_sampler(space, seed + len(study.trials), parallel)
-    identity = {"parameters": space.to_dict()["parameters"], "metric": space.metric,
-                "algorithm": space.algorithm, "fixed_flags": fixed_flags, "data": data}
-    stored = study.user_attrs.get("identity")
-    if stored is None:
-        study.set_user_attr("identity", identity)
-    elif stored != identity:
-        changed = sorted(k for k in identity if stored.get(k) != identity[k])
-        raise TuneError(f"{job_dir} holds a study with other {changed} (stored {[stored.get(k) for k in changed]}, "
-                        f"now {[identity[k] for k in changed]}); rerun with the same ones or use a new --job_dir")
-    return study
-
-
-def retry_interrupted(study: optuna.Study) -> list[int]:
-    """Fails the trials a dead tuner left RUNNING, and queues every interrupted trial again with its
-    parameters, grid point and folder, so the trainer resumes it from its backup; returns the
-    numbers queued. Call it holding the job dir's lock, so that no live tuner runs those trials."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if running:
-        # GridSampler.after_trial may call study.stop(), which optuna refuses outside optimize().
-        sampler, study.sampler = study.sampler, optuna.samplers.RandomSampler()
-        try:
-            for t in running:
-                study.tell(t.number, state=TrialState.FAIL)
-        finally:
-            study.sampler = sampler
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("resumes") for t in trials}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()  # copies params and grid point
-    queued = []
-    for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
-            again = copy.deepcopy(t)
-            folder = {"trial_dir": t.user_attrs["trial_dir"]} if "trial_dir" in t.user_attrs else {}
-            again.user_attrs = {"resumes": t.number, **folder}
-            retry(study, again)
-            queued.append(t.number)
-    return queued
-
-
-def trials_spent(study: optuna.Study) -> int:
-    """Finished trials that count against the budget (an interrupted one is run again instead)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                      TrialState.FAIL))
-               if not t.user_attrs.get("interrupted"))
 
 
 def read_epoch_values(trial_dir: Path, key: str) -> list[tuple[int, float]]:

@@ -26,6 +26,9 @@ BUCKET ?=
 JOB_NAME ?=
 MAX_WORKERS ?= 10
 WORKER_MACHINE ?=
+# The Dataflow workers' image (`make push` pushes one: the dataflow-worker address below); empty:
+# workers pip-install the package from setup.py when they start.
+WORKER_IMAGE ?=
 
 # Training on the ETL output. The sample's digits are 8x8 strokes: no flips or crops.
 DATA ?= $(OUTPUT)
@@ -54,20 +57,30 @@ SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
 TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
 
+# Images (containers/, trainer.cloud.images): local names (imagepipe-train:VERSION) without PROJECT,
+# Artifact Registry addresses (REGION-docker.pkg.dev/PROJECT/IMAGE_REPO/...) with PROJECT and REGION,
+# which trainer.cloud train|tune|deploy use by default.
+IMAGE_REPO ?= imagepipe
+IMAGE_TAG ?=
+image_uri = $(shell $(PY) -m trainer.cloud.images uri --kind $(1) --project "$(PROJECT)" --region "$(REGION)" --repository "$(IMAGE_REPO)" --tag "$(IMAGE_TAG)")
+image_build_args = $(shell $(PY) -m trainer.cloud.images build-args --kind $(1))
+
 .PHONY: help install sample etl train serve tune demo test bench-etl bench-corpus bench-ingest bench-serve \
-	bench-vectorise bench-strategies clean
+	bench-vectorise bench-strategies clean image push registry-given
 
 help:
 	@echo "make demo        - install, make the sample, ETL -> train -> export -> predict, end to end"
 	@echo "make test        - install, run the tests"
 	@echo "make etl FORM=jpeg|pixels|embeddings [INPUT= CLASS_NAMES_FILE= OUTPUT= RUNNER= IMAGE_SIZE= EMBEDDING_MODULE= ETL_FLAGS=]"
-	@echo "make etl RUNNER=DataflowRunner PROJECT= REGION= BUCKET= INPUT=gs://... OUTPUT=gs://... [JOB_NAME= MAX_WORKERS= WORKER_MACHINE=]"
+	@echo "make etl RUNNER=DataflowRunner PROJECT= REGION= BUCKET= INPUT=gs://... OUTPUT=gs://... [JOB_NAME= MAX_WORKERS= WORKER_MACHINE= WORKER_IMAGE=]"
 	@echo "make train [STRATEGY=auto|one_device|mirrored|multi_worker|tpu MODEL=linear|dnn|mobilenet DATA= JOB_DIR= EPOCHS= TRAIN_IMAGE_SIZE= TRAIN_FLAGS=]"
 	@echo "make serve       - serve the last 'make train' export on 127.0.0.1:8501 (TF Serving's REST API)"
 	@echo "make tune [DATA= TRIALS= PARALLEL= SEARCH_SPACE= TUNE_DIR= TUNE_FLAGS=]"
 	@echo "make bench-etl | bench-ingest | bench-serve - throughput against this machine's limits"
 	@echo "make bench-vectorise | bench-strategies [DATA= MODEL= TRAIN_IMAGE_SIZE= TRAIN_FLAGS= BENCH_FLAGS=] - chapter 7's tables on DATA"
 	@echo "make bench-corpus - the benchmark's photo corpus in data/out/bench-jpeg (jpeg form, 8 train shards)"
+	@echo "make image [PROJECT= REGION= IMAGE_REPO= IMAGE_TAG=] - docker build the training (CPU, GPU), serving and Dataflow worker images"
+	@echo "make push PROJECT= REGION= [IMAGE_REPO= IMAGE_TAG=]     - and push them to Artifact Registry (no Docker: python -m trainer.cloud build)"
 
 install: $(STAMP)
 
@@ -90,7 +103,7 @@ etl: $(call INSTALLED,etl) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),sample,)
 	if [ "$(RUNNER)" = DataflowRunner ]; then \
 	  runner_flags=$$($(PY) -m etl.dataflow_options --project "$(PROJECT)" --region "$(REGION)" \
 	      --bucket "$(BUCKET)" --job_name "$(JOB_NAME)" --max_workers "$(MAX_WORKERS)" \
-	      --machine_type "$(WORKER_MACHINE)" --input "$(INPUT)" --output "$(OUTPUT)"); \
+	      --machine_type "$(WORKER_MACHINE)" --worker_image "$(WORKER_IMAGE)" --input "$(INPUT)" --output "$(OUTPUT)"); \
 	else runner_flags="--runner $(RUNNER)"; fi; \
 	eval "set -- $$runner_flags"; set -x; \
 	$(PY) -m etl --input $(INPUT) $(if $(CLASS_NAMES_FILE),--class_names_file $(CLASS_NAMES_FILE),) --output $(OUTPUT) --form $(FORM) \
@@ -153,6 +166,24 @@ bench-strategies: $(call INSTALLED,training)
 bench-serve: $(call INSTALLED,serving bench)
 	@test -f $(EXPORT)/saved_model.pb || { echo "no export at $(EXPORT): run 'make train' first, or pass EXPORT=..."; exit 1; }
 	$(PY) -m trainer.serving.bench --model $(EXPORT)
+
+# The build context is the repository root (.dockerignore keeps data, runs and .venv out).
+image: $(call INSTALLED,cloud etl)
+	docker build $(call image_build_args,train) -t $(call image_uri,train) .
+	docker build $(call image_build_args,train-gpu) -t $(call image_uri,train-gpu) .
+	docker build $(call image_build_args,serve) -t $(call image_uri,serve) .
+	docker build $(call image_build_args,dataflow-worker) -t $(call image_uri,dataflow-worker) .
+
+# Once per project: gcloud artifacts repositories create $(IMAGE_REPO) --repository-format=docker
+# --location=REGION, and gcloud auth configure-docker REGION-docker.pkg.dev.
+push: registry-given image
+	docker push $(call image_uri,train)
+	docker push $(call image_uri,train-gpu)
+	docker push $(call image_uri,serve)
+	docker push $(call image_uri,dataflow-worker)
+
+registry-given:
+	@test -n "$(PROJECT)" -a -n "$(REGION)" || { echo "make push needs PROJECT and REGION (it pushes to REGION-docker.pkg.dev/PROJECT/$(IMAGE_REPO))"; exit 1; }
 
 clean:
 	rm -rf data/out data/bench runs .pytest_cache

@@ -4,7 +4,7 @@
     pip install '.[training]'   python -m trainer.train (what a Vertex AI training image needs)
     pip install '.[serving]'    python -m trainer.serve and trainer.predict (a serving image)
     pip install '.[tuning]'     python -m trainer.tune (trials run the trainer: training included)
-    pip install '.[cloud]'      python -m trainer.cloud (job specs, submission)
+    pip install '.[cloud]'      python -m trainer.cloud (images, job specs, local runs, deployment)
     pip install '.[dev]'        everything, plus the test tools (`make test`)
 
 The base requirements are what every role that reads records or runs a model imports (shared/).
@@ -58,9 +58,12 @@ TUNING = TRAINING + [
     "pyyaml>=6,<7",  # the search-space file, shared with Vertex AI tuning
 ]
 
-# Building and submitting specs needs only the SDK; a --local_run of a job runs the trainer here.
+# Building and submitting specs needs only the SDK; a --local_run of a job runs the trainer here,
+# and `deploy` makes the serving copy with the base requirements (trainer.bytes_only_export).
 CLOUD = TRAINING + [
     "google-cloud-aiplatform>=1.60,<2",
+    "google-cloud-storage>=2.10,<4",  # uploads: the sdist (--python_package), a local export's serving copy
+    "google-auth>=2.14,<3",  # `predict`'s bearer token for an endpoint
     "pyyaml>=6,<7",
     "packaging>=23",
 ]

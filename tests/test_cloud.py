@@ -1,8 +1,8 @@
-"""Vertex AI job specs (trainer.cloud, trainer.vertex_specs) and metric reporting
-(trainer.hypertune_report). Nothing is submitted: --dry_run, or a fake client.
+"""Vertex AI job specs (trainer.cloud.jobs, vertex_specs) and metric reporting (trainer.hypertune_report).
+Nothing is submitted: --dry_run, or a fake client.
 
 Every spec the command can make is parsed back from its printed YAML through the SDK's own
-types (an unknown or misplaced field fails), and its module and flags go through the trainer's
+types (an unknown or misplaced field fails), and its command and flags go through the trainer's
 own argument parser.
 """
 from __future__ import annotations
@@ -16,49 +16,53 @@ import pytest
 from google.cloud import aiplatform_v1 as aip
 
 from trainer import hypertune_report
-from trainer.cloud import jobs as cloud, vertex_specs
+from trainer.cloud import cli, images, jobs as cloud, package_spec, vertex_specs
 from trainer.config import make_arg_parser, parse_config
 from trainer.tuning.search_space import load_search_space, parse_search_space
 
-PACKAGE = "gs://my-bucket/packages/imagepipe-0.1.0.tar.gz"  # skips the sdist build in most tests
 BASE = ["--data", "gs://my-bucket/out", "--project", "my-project", "--region", "us-central1",
-        "--package_uri", PACKAGE, "--dry_run", "--display_name", "test-job"]
+        "--dry_run", "--display_name", "test-job"]
+TPU_IMAGE = "us-central1-docker.pkg.dev/my-project/imagepipe/my-tpu-image:1"
 
-LAYOUTS = {  # strategy -> (hardware flags, image kind, replica counts per pool, accelerator)
-    "one_device": ([], "tf-cpu.", [1], None),
-    "mirrored": (["--machine", "n1-standard-8", "--accelerator", "NVIDIA_TESLA_T4:2"], "tf-gpu.", [1],
-                 ("NVIDIA_TESLA_T4", 2)),
-    "multi_worker": (["--accelerator", "NVIDIA_TESLA_T4:1", "--workers", "4", "--num_training_examples", "4000"],
-                     "tf-gpu.", [1, 3], ("NVIDIA_TESLA_T4", 1)),
-    "tpu": (["--accelerator", "TPU_V3:8"], "tf-tpu.", [1], ("TPU_V3", 8)),
+LAYOUTS = {  # name -> (strategy, hardware flags, image, replica counts per pool, accelerator)
+    "one_device": ("one_device", [], "imagepipe-train:", [1], None),
+    "mirrored": ("mirrored", ["--machine", "n1-standard-8", "--accelerator", "NVIDIA_TESLA_T4:2"],
+                 "imagepipe-train-gpu:", [1], ("NVIDIA_TESLA_T4", 2)),
+    "multi_worker_gpu": ("multi_worker", ["--accelerator", "NVIDIA_TESLA_T4:1", "--workers", "4",
+                                          "--num_training_examples", "4000"], "imagepipe-train-gpu:", [1, 3],
+                         ("NVIDIA_TESLA_T4", 1)),
+    # MultiWorkerMirroredStrategy on CPU machines: one replica each.
+    "multi_worker_cpu": ("multi_worker", ["--workers", "2", "--num_training_examples", "4000"],
+                         "imagepipe-train:", [1, 1], None),
+    "tpu": ("tpu", ["--accelerator", "TPU_V3:8", "--image_uri", TPU_IMAGE], TPU_IMAGE, [1], ("TPU_V3", 8)),
 }
 
 
 def dry_run(argv: list[str]) -> tuple[str, str]:
     """(the printed YAML, the printed gcloud command)."""
     out = io.StringIO()
-    assert cloud.run(argv, out=out) is None
+    assert cli.run(argv, out=out) is None
     text = out.getvalue()
     spec_text, _, command = text.partition("# Equivalent gcloud command")
     return spec_text.split("\n", 1)[1], command.strip().splitlines()[-1]
 
 
-def assert_trainer_accepts(package: aip.PythonPackageSpec, strategy: str, monkeypatch, tuning: bool):
-    assert package.python_module == "trainer.train"
-    assert importlib.util.find_spec(package.python_module) is not None
+def assert_trainer_accepts(container: aip.ContainerSpec, strategy: str, monkeypatch, tuning: bool):
+    assert list(container.command) == list(images.TRAINER_COMMAND)
+    assert importlib.util.find_spec(container.command[-1]) is not None
     if tuning:  # Vertex gives each trial its own folder through AIP_MODEL_DIR
         monkeypatch.setenv("AIP_MODEL_DIR", "gs://my-bucket/runs/t1/7/model")
     else:
         monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
-    config = parse_config(list(package.args))
+    config = parse_config(list(container.args))
     assert config.strategy == strategy and config.data == "gs://my-bucket/out"
     return config
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])
-@pytest.mark.parametrize("strategy", sorted(LAYOUTS))
-def test_every_layout_round_trips_through_sdk_types_and_the_trainer_parser(strategy, command, monkeypatch):
-    hw_flags, image_kind, replicas, accelerator = LAYOUTS[strategy]
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_round_trips_through_sdk_types_and_the_trainer_parser(layout, command, monkeypatch):
+    strategy, hw_flags, image, replicas, accelerator = LAYOUTS[layout]
     job_dir = f"gs://my-bucket/runs/{command}"
     text, gcloud = dry_run([command, *BASE, "--job_dir", job_dir, "--strategy", strategy, *hw_flags,
                             "--num_epochs", "7"])
@@ -75,14 +79,18 @@ def test_every_layout_round_trips_through_sdk_types_and_the_trainer_parser(strat
     assert spec.base_output_directory.output_uri_prefix == job_dir
     assert [pool.replica_count for pool in spec.worker_pool_specs] == replicas
     for pool in spec.worker_pool_specs:
-        package = pool.python_package_spec
-        assert image_kind in package.executor_image_uri and package.executor_image_uri.endswith(":latest")
-        assert list(package.package_uris) == [PACKAGE]
+        container = pool.container_spec
+        assert not pool.python_package_spec.python_module  # our image, not Google's prebuilt one
+        if image.startswith("imagepipe-"):  # the address `make push` pushes to
+            assert container.image_uri == f"us-central1-docker.pkg.dev/my-project/imagepipe/{image}" \
+                                          f"{images.package_version()}"
+        else:
+            assert container.image_uri == image
         if accelerator:
             assert (pool.machine_spec.accelerator_type.name, pool.machine_spec.accelerator_count) == accelerator
         else:
-            assert pool.machine_spec.accelerator_count == 0
-        config = assert_trainer_accepts(package, strategy, monkeypatch, tuning=command == "tune")
+            assert pool.machine_spec.accelerator_count == 0 and pool.machine_spec.machine_type == "n1-standard-4"
+        config = assert_trainer_accepts(container, strategy, monkeypatch, tuning=command == "tune")
         assert config.num_epochs == 7
         # train names its folder; tune must not, or every trial would resume the previous one's run
         assert config.job_dir == (job_dir if command == "train" else "gs://my-bucket/runs/t1/7/model")
@@ -90,9 +98,31 @@ def test_every_layout_round_trips_through_sdk_types_and_the_trainer_parser(strat
         assert config.num_training_examples == 4000  # virtual epochs
 
 
+def test_the_image_address_is_the_one_make_push_writes_and_image_uri_overrides_it():
+    text, _ = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/r", "--region", "europe-west4",
+                       "--repository", "team-images"])
+    uri = vertex_specs.spec_from_yaml(text, aip.CustomJobSpec).worker_pool_specs[0].container_spec.image_uri
+    assert uri == images.image_uri("train", "my-project", "europe-west4", "team-images")
+    assert uri == f"europe-west4-docker.pkg.dev/my-project/team-images/imagepipe-train:{images.package_version()}"
+    text, _ = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/r", "--image_uri", "docker.io/me/trainer:7"])
+    assert vertex_specs.spec_from_yaml(text, aip.CustomJobSpec).worker_pool_specs[0].container_spec.image_uri \
+        == "docker.io/me/trainer:7"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "tpu", "--accelerator", "TPU_V3:8"], "tensorflow-tpu"),
+    (["--executor_image", "gcr.io/me/img"], "pass your image as --image_uri gcr.io/me/img"),
+    (["--local_run"], "choose one"),
+    (["--tf_version", "2.17"], "for --python_package"),
+])
+def test_jobs_that_cannot_run_as_asked_are_refused_with_the_fix(extra, message):
+    with pytest.raises(cloud.CloudJobError, match=re.escape(message)):
+        cli.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *extra], out=io.StringIO())
+
+
 def test_the_gcloud_command_names_a_config_file_that_holds_the_printed_spec(tmp_path):
     out = io.StringIO()
-    cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r"], out=out)
+    cli.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r"], out=out)
     assert "--config names custom_job.yaml: save the spec above there, or pass --spec_file" in out.getvalue()
     spec_file = tmp_path / "job.yaml"
     text, gcloud = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--spec_file", str(spec_file)])
@@ -102,7 +132,7 @@ def test_the_gcloud_command_names_a_config_file_that_holds_the_printed_spec(tmp_
 def test_tuning_trials_need_vertex_to_name_their_folder(monkeypatch):
     text, _ = dry_run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t1"])
     args = list(vertex_specs.spec_from_yaml(text, aip.HyperparameterTuningJob)
-                .trial_job_spec.worker_pool_specs[0].python_package_spec.args)
+                .trial_job_spec.worker_pool_specs[0].container_spec.args)
     assert not any(a.startswith(("--job_dir", "--job-dir")) for a in args)
     monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
     with pytest.raises(SystemExit):  # so the trainer would refuse to start without AIP_MODEL_DIR
@@ -136,7 +166,8 @@ def test_grid_search_maps_to_grid_search_and_caps_the_budget_at_the_grid():
     space = parse_search_space("algorithm: grid\nparameters:\n  batch_size: {type: discrete, values: [48, 64, 96]}\n"
                                "  num_hidden: {type: discrete, values: [16, 24, 32]}\n")
     hw = vertex_specs.make_hardware("one_device", None, None)
-    spec = vertex_specs.build_custom_job_spec(hw, "img", PACKAGE, ["--data=gs://x"], "gs://x/run")
+    task = vertex_specs.container_task("img", images.TRAINER_COMMAND, ["--data=gs://x"])
+    spec = vertex_specs.build_custom_job_spec(hw, task, "gs://x/run")
     job = vertex_specs.build_tuning_job("g", space, spec, max_trials=45, parallel_trials=3)
     assert job.study_spec.algorithm.name == "GRID_SEARCH" and job.max_trial_count == 9
 
@@ -183,7 +214,7 @@ def test_prebuilt_images_match_accelerator_version_and_region():
 ])
 def test_jobs_the_trainer_would_reject_are_refused(extra, message):
     with pytest.raises(cloud.CloudJobError, match=message):
-        cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *extra], out=io.StringIO())
+        cli.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *extra], out=io.StringIO())
 
 
 @pytest.mark.parametrize("command, extra, message", [
@@ -196,7 +227,7 @@ def test_batch_sizes_that_do_not_split_over_the_replicas_are_refused(command, ex
     argv = [command, *BASE, "--job_dir", "gs://my-bucket/runs/r", "--strategy", "multi_worker",
             "--accelerator", "NVIDIA_TESLA_T4:1", "--num_training_examples", "4000", *extra]
     with pytest.raises(cloud.CloudJobError, match=re.escape(message)):
-        cloud.run(argv, out=io.StringIO())
+        cli.run(argv, out=io.StringIO())
 
 
 def test_a_tuned_batch_size_range_is_refused_on_several_replicas(tmp_path):
@@ -205,41 +236,62 @@ def test_a_tuned_batch_size_range_is_refused_on_several_replicas(tmp_path):
     argv = ["tune", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--search_space", str(space),
             "--strategy", "mirrored", "--accelerator", "NVIDIA_TESLA_T4:2"]
     with pytest.raises(cloud.CloudJobError, match=re.escape("batch_size is tuned over a range [16, 64], but with 2")):
-        cloud.run(argv, out=io.StringIO())
+        cli.run(argv, out=io.StringIO())
 
 
 def test_a_metric_the_trainer_does_not_report_is_refused(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("metric: val_loss\ngoal: minimize\nparameters:\n  l2: {type: double, min: 0.0, max: 0.2}\n")
     with pytest.raises(cloud.CloudJobError, match="metric 'val_loss': the trainer reports only 'accuracy'"):
-        cloud.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", "--search_space", str(space)],
+        cli.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", "--search_space", str(space)],
                   out=io.StringIO())
 
 
 @pytest.mark.parametrize("budget", [["--max_trials", "0"], ["--parallel_trials", "0"], ["--max_failed_trials", "-1"]])
 def test_a_budget_of_zero_is_refused_not_replaced_by_the_spaces(budget):
     with pytest.raises(cloud.CloudJobError, match="must be positive"):
-        cloud.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", *budget], out=io.StringIO())
+        cli.run(["tune", *BASE, "--job_dir", "gs://my-bucket/runs/t", *budget], out=io.StringIO())
 
 
-def test_local_paths_are_refused():
+def test_local_paths_are_refused_unless_the_job_runs_here():
     argv = ["train", *BASE, "--job_dir", "runs/r"]
-    with pytest.raises(cloud.CloudJobError, match="--job_dir must be on gs://"):
-        cloud.run(argv, out=io.StringIO())
+    with pytest.raises(cloud.CloudJobError, match="--job_dir must be on gs://.*local paths work with --local_run"):
+        cli.run(argv, out=io.StringIO())
 
 
-def test_sdist_is_built_and_its_python_and_tf_pins_are_checked_against_the_image(tmp_path, capsys):
-    argv = ["train", *[a for a in BASE if a not in ("--package_uri", PACKAGE)], "--job_dir", "gs://my-bucket/r1"]
-    text, _ = dry_run(argv)
-    uri = vertex_specs.spec_from_yaml(text, aip.CustomJobSpec).worker_pool_specs[0].python_package_spec.package_uris[0]
-    assert uri == "gs://my-bucket/r1/package/imagepipe-0.1.0.tar.gz"
-    python, requires = cloud.read_sdist_requirements(cloud.build_sdist(str(tmp_path)))
-    assert python and any(r.startswith("tensorflow") for r in requires)  # read from setup.py's sdist
-    expected = cloud.image_compatibility_problems(python, requires, vertex_specs.PREBUILT_IMAGE_PYTHON, "2.17")
-    assert capsys.readouterr().err.count("WARNING: this job would fail") == len(expected)
-    assert cloud.image_compatibility_problems(">=3.10", ["tensorflow>=2.17,<2.18"], "3.10", "2.17") == []
-    problems = cloud.image_compatibility_problems(">=3.11,<3.13", ["tensorflow>=2.21,<2.22"], "3.10", "2.17")
-    assert len(problems) == 2 and "Python 3.10" in problems[0] and "TensorFlow 2.17" in problems[1]
+def write_project(root, python_requires: str, tensorflow: str):
+    """A one-module project whose sdist declares these pins."""
+    (root / "fits").mkdir(parents=True)
+    (root / "fits" / "__init__.py").write_text("")
+    (root / "setup.py").write_text(
+        "import setuptools\nsetuptools.setup(name='fits', version='0.1', packages=['fits'], "
+        f"python_requires={python_requires!r}, install_requires={[tensorflow]!r})\n")
+    return root
+
+
+def test_a_package_is_checked_against_the_prebuilt_image_from_its_own_sdist(tmp_path):
+    fits = write_project(tmp_path / "fits", ">=3.10", "tensorflow>=2.17,<2.18")
+    too_new = write_project(tmp_path / "too_new", ">=3.11,<3.13", "tensorflow>=2.21,<2.22")
+    checked = {}
+    for project in (fits, too_new):
+        python, requires = package_spec.read_sdist_requirements(package_spec.build_sdist(str(project / "dist"), project))
+        checked[project.name] = package_spec.image_compatibility_problems(
+            python, requires, vertex_specs.PREBUILT_IMAGE_PYTHON, "2.17")
+    assert checked["fits"] == []
+    [python_problem, tf_problem] = checked["too_new"]
+    assert "needs Python >=3.11,<3.13 but the prebuilt image runs Python 3.10" in python_problem
+    assert "needs tensorflow<2.22,>=2.21 but the image has TensorFlow 2.17" in tf_problem
+
+
+def test_a_python_package_that_installs_on_the_prebuilt_image_becomes_a_python_package_spec(tmp_path, monkeypatch):
+    monkeypatch.setattr(package_spec, "REPO_ROOT", write_project(tmp_path, ">=3.10", "tensorflow>=2.17,<2.18"))
+    text, gcloud = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/r1", "--python_package"])
+    [pool] = vertex_specs.spec_from_yaml(text, aip.CustomJobSpec).worker_pool_specs
+    package = pool.python_package_spec
+    assert not pool.container_spec.image_uri
+    assert package.executor_image_uri == "us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest"
+    assert list(package.package_uris) == ["gs://my-bucket/r1/package/fits-0.1.tar.gz"]
+    assert package.python_module == "trainer.train" and "--job_dir=gs://my-bucket/r1" in package.args
 
 
 class FakeJobClient:
@@ -260,7 +312,7 @@ def test_submission_sends_the_printed_spec(command):
     argv = [command, *BASE, "--job_dir", "gs://my-bucket/runs/s"]
     text, _ = dry_run(argv)
     client = FakeJobClient()
-    name = cloud.run([a for a in argv if a != "--dry_run"], out=io.StringIO(), client=client)
+    name = cli.run([a for a in argv if a != "--dry_run"], out=io.StringIO(), client=client)
     [(kind, parent, job)] = client.calls
     assert parent == "projects/my-project/locations/us-central1" and name.startswith(parent)
     if command == "train":
@@ -270,13 +322,18 @@ def test_submission_sends_the_printed_spec(command):
         assert kind == "tune" and job == vertex_specs.spec_from_yaml(text, aip.HyperparameterTuningJob)
 
 
-def test_submission_is_refused_when_the_package_cannot_install_on_the_image(monkeypatch):
-    monkeypatch.setattr(cloud, "image_compatibility_problems", lambda *a: ["needs Python 3.11"])
+@pytest.mark.parametrize("dry", [True, False])
+def test_submission_is_refused_when_the_package_cannot_install_on_the_image(dry):
+    """This project's own sdist (Python 3.11, TF 2.21) against the newest prebuilt image (3.10, 2.17)."""
     client = FakeJobClient()
-    argv = ["train", *[a for a in BASE if a not in ("--package_uri", PACKAGE, "--dry_run")],
-            "--job_dir", "gs://my-bucket/r1"]
-    with pytest.raises(cloud.CloudJobError, match="refusing to submit: needs Python 3.11"):
-        cloud.run(argv, out=io.StringIO(), client=client)
+    argv = ["train", *[a for a in BASE if a != "--dry_run" or dry], "--job_dir", "gs://my-bucket/r1",
+            "--python_package"]
+    with pytest.raises(cloud.CloudJobError) as refused:
+        cli.run(argv, out=io.StringIO(), client=client)
+    message = str(refused.value)
+    assert message.startswith("refusing a PythonPackageSpec: the package needs Python >=3.11")
+    assert "prebuilt image runs Python 3.10" in message and "the image has TensorFlow 2.17" in message
+    assert "Drop --python_package" in message
     assert client.calls == []
 
 
@@ -297,7 +354,7 @@ def test_metric_is_reported_only_inside_a_vertex_trial(tmp_path, monkeypatch):
 def test_workers_is_for_multi_worker_only_and_defaults_to_two_machines():
     # It used to default to 2 for every strategy, so a typed --workers 8 on mirrored was dropped unseen.
     with pytest.raises(cloud.CloudJobError, match="--workers 8 is for --strategy multi_worker; mirrored runs on one"):
-        cloud.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *LAYOUTS["mirrored"][0], "--workers", "8",
+        cli.run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", *LAYOUTS["mirrored"][1], "--workers", "8",
                    "--strategy", "mirrored"], out=io.StringIO())
     text, _ = dry_run(["train", *BASE, "--job_dir", "gs://my-bucket/runs/r", "--strategy", "multi_worker",
                        "--accelerator", "NVIDIA_TESLA_T4:1", "--num_training_examples", "4000"])

@@ -1,1 +1,4 @@
-"""Vertex AI: job specs built from the SDK's types, and the `python -m trainer.cloud` command."""
+"""Vertex AI: images, job specs built from the SDK's types, local runs of them, deployment, prediction.
+
+`python -m trainer.cloud` (trainer.cloud.cli) is the command; no module here imports TensorFlow.
+"""

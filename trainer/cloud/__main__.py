@@ -1,4 +1,4 @@
-"""`python -m trainer.cloud train|tune ...`: see trainer.cloud.jobs."""
-from trainer.cloud.jobs import main
+"""`python -m trainer.cloud train|tune|deploy|predict|build ...`: see trainer.cloud.cli."""
+from trainer.cloud.cli import main
 
 main()

@@ -5,10 +5,14 @@ here, not in the cloud: the book's hand-written YAML put `pythonPackageSpec` out
 pool, ran GPU machines on a CPU image and had a multi-worker file that does not parse.
 
 Hardware layouts, one per trainer strategy:
-  one_device    one machine, no accelerator, CPU image
-  mirrored      one machine with N GPUs, GPU image
-  multi_worker  a chief pool (1 replica) plus a worker pool (workers - 1 replicas), GPUs on each
-  tpu           one TPU VM (machine type cloud-tpu, TPU_V2 or TPU_V3 x 8), TPU image
+  one_device    one machine, no accelerator
+  mirrored      one machine with N GPUs
+  multi_worker  a chief pool (1 replica) plus a worker pool (workers - 1 replicas), with or without
+                GPUs (MultiWorkerMirroredStrategy runs on CPU machines too, one replica each)
+  tpu           one TPU VM (machine type cloud-tpu, TPU_V2 or TPU_V3 x 8)
+
+Each pool runs a task: a ContainerSpec (an image of ours, trainer.cloud.images) by default, or a
+PythonPackageSpec on one of Google's prebuilt images (`--python_package`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from trainer.tuning.search_space import SearchSpace
 # listed in late 2025): the newest TensorFlow is 2.17 for CPU and GPU, 2.15 for TPU, all Python 3.10.
 PREBUILT_TF_VERSIONS = {"cpu": ("2.15", "2.16", "2.17"), "gpu": ("2.15", "2.16", "2.17"), "tpu": ("2.15",)}
 PREBUILT_IMAGE_PYTHON = "3.10"
+CPU_MACHINE_TYPE = "n1-standard-4"
 TPU_MACHINE_TYPE = "cloud-tpu"  # TPU VMs: machine type cloud-tpu with TPU_V2 or TPU_V3 x 8
 TPU_CORES = 8
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
@@ -102,7 +107,7 @@ def make_hardware(strategy: str, machine_type: str | None, accelerator: str | No
     if strategy == "one_device":
         if acc_type is not None:
             raise SpecError(f"strategy one_device runs on CPU; drop --accelerator {accelerator} or use mirrored")
-        return Hardware(strategy, machine_type or "n1-standard-4")
+        return Hardware(strategy, machine_type or CPU_MACHINE_TYPE)
     if strategy == "tpu":
         if acc_type not in ("TPU_V2", "TPU_V3"):
             raise SpecError(f"strategy tpu needs --accelerator TPU_V2:8 or TPU_V3:8, got {accelerator!r}")
@@ -111,13 +116,16 @@ def make_hardware(strategy: str, machine_type: str | None, accelerator: str | No
         if machine_type not in (None, TPU_MACHINE_TYPE):
             raise SpecError(f"strategy tpu runs on machine type {TPU_MACHINE_TYPE}, got {machine_type!r}")
         return Hardware(strategy, TPU_MACHINE_TYPE, acc_type, acc_count)
+    if strategy == "multi_worker":
+        if workers < 2:
+            raise SpecError(f"strategy multi_worker needs --workers of at least 2 machines, got {workers}")
+        if acc_type is None:
+            return Hardware(strategy, machine_type or CPU_MACHINE_TYPE, workers=workers)
     if acc_type is None or is_tpu:
         raise SpecError(f"strategy {strategy} needs GPUs, e.g. --accelerator NVIDIA_TESLA_T4:2; got {accelerator!r}")
     machine_type = gpu_machine_type(acc_type, acc_count, machine_type)
     if strategy == "mirrored":
         return Hardware(strategy, machine_type, acc_type, acc_count)
-    if workers < 2:
-        raise SpecError(f"strategy multi_worker needs --workers of at least 2 machines, got {workers}")
     return Hardware(strategy, machine_type, acc_type, acc_count, workers)
 
 
@@ -175,15 +183,26 @@ def _machine_spec(hw: Hardware) -> aip.MachineSpec:
                            accelerator_count=hw.accelerator_count)
 
 
-def build_custom_job_spec(hw: Hardware, executor_image: str, package_uri: str, args: Sequence[str],
-                          base_output_dir: str, module: str = TRAINER_MODULE) -> aip.CustomJobSpec:
+def container_task(image_uri: str, command: Sequence[str], args: Sequence[str]) -> aip.ContainerSpec:
+    """A custom container: the image, the command that replaces its ENTRYPOINT, and the trainer's flags."""
+    return aip.ContainerSpec(image_uri=image_uri, command=list(command), args=list(args))
+
+
+def python_package_task(executor_image: str, package_uri: str, args: Sequence[str],
+                        module: str = TRAINER_MODULE) -> aip.PythonPackageSpec:
+    """The sdist pip-installed on a prebuilt image (Vertex AI accepts only its own images here)."""
+    return aip.PythonPackageSpec(executor_image_uri=executor_image, package_uris=[package_uri],
+                                 python_module=module, args=list(args))
+
+
+def build_custom_job_spec(hw: Hardware, task: aip.ContainerSpec | aip.PythonPackageSpec,
+                          base_output_dir: str) -> aip.CustomJobSpec:
     """One worker pool, or chief + workers for multi_worker (Vertex sets TF_CONFIG from the pools)."""
-    package = aip.PythonPackageSpec(executor_image_uri=executor_image, package_uris=[package_uri],
-                                    python_module=module, args=list(args))
-    pools = [aip.WorkerPoolSpec(machine_spec=_machine_spec(hw), replica_count=1, python_package_spec=package)]
+    field = "container_spec" if isinstance(task, aip.ContainerSpec) else "python_package_spec"
+    pools = [aip.WorkerPoolSpec(machine_spec=_machine_spec(hw), replica_count=1, **{field: task})]
     if hw.workers > 1:
         pools.append(aip.WorkerPoolSpec(machine_spec=_machine_spec(hw), replica_count=hw.workers - 1,
-                                        python_package_spec=package))
+                                        **{field: task}))
     return aip.CustomJobSpec(worker_pool_specs=pools,
                              base_output_directory=aip.GcsDestination(output_uri_prefix=base_output_dir))
 

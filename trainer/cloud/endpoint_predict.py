@@ -1,0 +1,160 @@
+"""`python -m trainer.cloud predict`: image files to a deployed endpoint, one JSON line per file.
+
+    python -m trainer.cloud predict --endpoint projects/P/locations/R/endpoints/ID img1.jpg img2.png ...
+    python -m trainer.cloud predict --endpoint ID --project P --region R *.jpg
+    python -m trainer.cloud predict --endpoint_url http://localhost:8080/v1/models/model:predict *.jpg
+
+Each file goes as a {"b64": ...} instance, in requests kept under the online prediction body limit
+(1.5 MB) and --max_instances; each line is {"file", "class_name", "class_index", "probability"} as
+`python -m trainer.predict` prints it, or {"file", "error"}, and the exit status is 1 if any failed.
+--endpoint_url posts to any server that speaks the same contract (the serving image, or
+`python -m trainer.serve` started with AIP_HTTP_PORT) without Google credentials.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import sys
+import urllib.error
+import urllib.request
+from typing import Callable, Iterator, Sequence
+
+MAX_BODY_BYTES = 1_500_000  # Vertex AI's online prediction payload limit ("currently, 1.5MB", gcloud's help)
+DEFAULT_MAX_INSTANCES = 64  # trainer.serve's default --max_instances
+LINE_KEYS = ("class_name", "class_index", "probability")  # after "file": trainer.predict's line
+_ENDPOINT = re.compile(r"^projects/[^/]+/locations/([^/]+)/endpoints/[^/]+$")
+
+Post = Callable[[bytes], dict]  # a request body -> the response's JSON
+
+
+class PredictError(RuntimeError):
+    """A request failed as a whole; the message carries the status and the server's words."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict image files with a deployed endpoint", allow_abbrev=False,
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="projects/P/locations/R/endpoints/ID, or an ID with --project and --region")
+    where.add_argument("--endpoint_url", help="POST here instead (http://host:port/route), without credentials")
+    p.add_argument("--project", default=None)
+    p.add_argument("--region", default=None)
+    p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="largest request (default: %(default)s)")
+    p.add_argument("--max_instances", type=int, default=DEFAULT_MAX_INSTANCES, help="most files per request")
+    p.add_argument("files", nargs="+", help="local image files")
+
+
+def endpoint_url(endpoint: str, project: str | None, region: str | None) -> str:
+    """The REST predict URL of an endpoint given by resource name, or by id with project and region."""
+    if "/" not in endpoint:
+        if not (project and region):
+            raise PredictError(f"--endpoint {endpoint} is an id: pass --project and --region too")
+        endpoint = f"projects/{project}/locations/{region}/endpoints/{endpoint}"
+    match = _ENDPOINT.match(endpoint)
+    if not match:
+        raise PredictError(f"--endpoint {endpoint!r} is not projects/P/locations/R/endpoints/ID")
+    return f"https://{match.group(1)}-aiplatform.googleapis.com/v1/{endpoint}:predict"
+
+
+def make_post(url: str, with_credentials: bool, timeout: float = 120) -> Post:
+    """A JSON POST to `url`; with Google's application default credentials for a Vertex AI endpoint."""
+    token = None
+    if with_credentials:
+        import google.auth
+        import google.auth.transport.requests
+
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+        token = credentials.token
+
+    def post(body: bytes) -> dict:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise PredictError(f"HTTP {e.code} from {url}: {e.read()[:500].decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise PredictError(f"no answer from {url}: {getattr(e, 'reason', e)}") from None
+    return post
+
+
+def instance(data: bytes) -> bytes:
+    return json.dumps({"b64": base64.b64encode(data).decode("ascii")}).encode()
+
+
+def request_body(instances: Sequence[bytes]) -> bytes:
+    return b'{"instances": [' + b", ".join(instances) + b"]}"
+
+
+def plan_requests(paths: Sequence[str], max_body_bytes: int, max_instances: int
+                  ) -> Iterator[tuple[list[str], bytes] | tuple[str, str]]:
+    """Yields (paths, body) for each request, each body at most max_body_bytes with at most
+    max_instances files, or (path, error) for a file that cannot go; in the files' order, holding
+    one request's files at a time."""
+    empty = len(request_body([]))
+    batch: list[str] = []
+    parts: list[bytes] = []
+    size = empty
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                part = instance(f.read())
+        except OSError as e:
+            yield path, f"cannot read: {e.strerror}"
+            continue
+        if empty + len(part) > max_body_bytes:
+            yield path, (f"the file makes a {empty + len(part):,}-byte request alone, over the limit of "
+                         f"{max_body_bytes:,} bytes: resize it first")
+            continue
+        if batch and (size + len(b", ") + len(part) > max_body_bytes or len(batch) == max_instances):
+            yield batch, request_body(parts)
+            batch, parts, size = [], [], empty
+        size += len(part) + (len(b", ") if batch else 0)
+        batch.append(path)
+        parts.append(part)
+    if batch:
+        yield batch, request_body(parts)
+
+
+def prediction_line(path: str, prediction: dict) -> str:
+    return json.dumps({"file": path, **{k: prediction[k] for k in LINE_KEYS}})
+
+
+def predict_files(paths: Sequence[str], post: Post, max_body_bytes: int = MAX_BODY_BYTES,
+                  max_instances: int = DEFAULT_MAX_INSTANCES) -> Iterator[tuple[str, bool]]:
+    """(line, ok) per file, in the files' order."""
+    for item, payload in plan_requests(paths, max_body_bytes, max_instances):
+        if isinstance(item, str):
+            yield json.dumps({"file": item, "error": payload}), False
+            continue
+        try:
+            predictions = post(payload).get("predictions")
+            if not isinstance(predictions, list) or len(predictions) != len(item):
+                raise PredictError(f"the answer holds {predictions!r:.200} for {len(item)} instances")
+        except PredictError as e:
+            for path in item:
+                yield json.dumps({"file": path, "error": str(e)}), False
+            continue
+        for path, prediction in zip(item, predictions):
+            yield prediction_line(path, prediction), True
+
+
+def run(ns: argparse.Namespace, out=sys.stdout, post: Post | None = None) -> int:
+    if ns.max_body_bytes <= 0 or ns.max_instances <= 0:
+        raise PredictError("--max_body_bytes and --max_instances must be positive")
+    if post is None:
+        url = ns.endpoint_url or endpoint_url(ns.endpoint, ns.project, ns.region)
+        post = make_post(url, with_credentials=ns.endpoint_url is None)
+    total = failed = 0
+    for line, ok in predict_files(ns.files, post, ns.max_body_bytes, ns.max_instances):
+        out.write(line + "\n")
+        out.flush()
+        total += 1
+        failed += not ok
+    if failed:
+        print(f"{failed} of {total} images failed", file=sys.stderr)
+    return 1 if failed else 0

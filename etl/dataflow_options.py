@@ -1,11 +1,18 @@
 """Beam flags for running the ETL on Dataflow, checked before anything is submitted.
 
     python -m etl.dataflow_options --project P --region R --bucket B [--job_name N] [--max_workers 10] \
-        [--machine_type n1-standard-4] [--input gs://... --output gs://...]
+        [--machine_type n1-standard-4] [--worker_image IMAGE] [--input gs://... --output gs://...]
 
 prints the flags (shell-quoted, one line) for `python -m etl ... $(...)`; `make etl
-RUNNER=DataflowRunner PROJECT=P REGION=R BUCKET=B` uses it. A missing or malformed value is an
-error that names the Makefile variable and the flag, before any job is built.
+RUNNER=DataflowRunner PROJECT=P REGION=R BUCKET=B [WORKER_IMAGE=...]` uses it. A missing or
+malformed value is an error that names the Makefile variable and the flag, before any job is built.
+
+Workers get the ETL's code and dependencies one of two ways:
+  --setup_file (default)   each worker pip-installs this package (TensorFlow included) when it starts
+  --worker_image IMAGE     they start from containers/dataflow_worker.Dockerfile's image, which holds
+                           them already (--sdk_container_image; --sdk_location=container so the
+                           launcher stages no SDK; Runner v2, which custom containers need). The image
+                           must carry the launcher's Beam version, as `make image` builds it.
 """
 from __future__ import annotations
 
@@ -36,10 +43,11 @@ def default_job_name(now: datetime.datetime | None = None) -> str:
 def dataflow_args(project: str | None, region: str | None, bucket: str | None, job_name: str | None = None,
                   setup_file: str | Path = SETUP_FILE, max_workers: int = DEFAULT_MAX_WORKERS,
                   machine_type: str | None = None, input_path: str | None = None,
-                  output_path: str | None = None) -> list[str]:
+                  output_path: str | None = None, worker_image: str | None = None) -> list[str]:
     """The Beam argv for DataflowRunner: project, region, temp and staging under gs://bucket/dataflow/,
-    job name, setup file (so workers get this package) and the autoscaling cap. The ETL's own
-    --input and --output, when given, are checked too: workers cannot see local files."""
+    job name, the autoscaling cap, and the workers' code: the worker image when given, else the
+    setup file. The ETL's own --input and --output, when given, are checked too: workers cannot see
+    local files."""
     problems = []
     for name, path in (("INPUT (--input)", input_path), ("OUTPUT (--output)", output_path)):
         if path is not None and not path.startswith("gs://"):
@@ -59,7 +67,9 @@ def dataflow_args(project: str | None, region: str | None, bucket: str | None, j
     if not _JOB_NAME.match(job_name):
         problems.append(f"JOB_NAME (--job_name) {job_name!r}: Dataflow wants lower-case letters, digits and '-', "
                         f"starting with a letter")
-    if not Path(setup_file).is_file():
+    if worker_image is not None and (not worker_image.strip() or any(c.isspace() for c in worker_image)):
+        problems.append(f"WORKER_IMAGE (--worker_image) {worker_image!r} is not an image address")
+    if worker_image is None and not Path(setup_file).is_file():
         problems.append(f"setup file {setup_file} does not exist: workers would not get the etl and shared packages")
     if not isinstance(max_workers, int) or max_workers < 1:
         problems.append(f"MAX_WORKERS (--max_workers) must be a positive integer, got {max_workers!r}")
@@ -68,8 +78,11 @@ def dataflow_args(project: str | None, region: str | None, bucket: str | None, j
     root = f"gs://{bucket_name}/dataflow"
     args = ["--runner=DataflowRunner", f"--project={project}", f"--region={region}", f"--job_name={job_name}",
             f"--temp_location={root}/temp", f"--staging_location={root}/staging",
-            f"--setup_file={Path(setup_file).resolve()}", f"--max_num_workers={max_workers}",
-            "--autoscaling_algorithm=THROUGHPUT_BASED"]
+            f"--max_num_workers={max_workers}", "--autoscaling_algorithm=THROUGHPUT_BASED"]
+    if worker_image:
+        args += [f"--sdk_container_image={worker_image}", "--sdk_location=container", "--experiments=use_runner_v2"]
+    else:
+        args.append(f"--setup_file={Path(setup_file).resolve()}")
     if machine_type:
         args.append(f"--worker_machine_type={machine_type}")
     return args
@@ -84,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job_name", default="")
     p.add_argument("--max_workers", type=int, default=DEFAULT_MAX_WORKERS)
     p.add_argument("--machine_type", default="")
+    p.add_argument("--worker_image", default="", help="the workers' container image (--sdk_container_image); "
+                   "default: workers install the package from --setup_file")
     p.add_argument("--input", default=None, help="the ETL's --input, checked only (must be gs://)")
     p.add_argument("--output", default=None, help="the ETL's --output, checked only (must be gs://)")
     ns = p.parse_args(argv)
     try:
         args = dataflow_args(ns.project, ns.region, ns.bucket, ns.job_name or None, max_workers=ns.max_workers,
-                             machine_type=ns.machine_type or None, input_path=ns.input, output_path=ns.output)
+                             machine_type=ns.machine_type or None, input_path=ns.input, output_path=ns.output,
+                             worker_image=ns.worker_image or None)
     except DataflowOptionsError as e:
         print(f"etl.dataflow_options: error: {e}", file=sys.stderr)
         return 2

@@ -38,8 +38,12 @@ def test_cli_prints_flags_or_fails_with_exit_2(capsys):
     assert "BUCKET (--bucket) is missing" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # builds the ETL graph and an sdist (~5 s)
-def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
+WORKER_IMAGE = "europe-west4-docker.pkg.dev/my-project/imagepipe/imagepipe-dataflow-worker:0.1.0"
+
+
+@pytest.mark.slow  # builds the ETL graph, and an sdist for --setup_file (~5 s each)
+@pytest.mark.parametrize("worker_image", [None, WORKER_IMAGE], ids=["setup_file", "worker_image"])
+def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path, worker_image):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions
     from apache_beam.runners.dataflow.internal import apiclient
@@ -57,9 +61,11 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
                                             "--labels", "team=vision", "--label", "data=digits"])
     assert config.class_names_file == str(names)
     args = dataflow_args("my-project", "europe-west4", "my-bucket", job_name="imagepipe-etl-test", max_workers=7,
-                         machine_type="n1-standard-2")
+                         machine_type="n1-standard-2", worker_image=worker_image)
     # --dry_run: DataflowRunner translates the job and returns before creating it; --no_auth: offline.
-    options = PipelineOptions(args + etl_beam_args + ["--dry_run=True", "--no_auth", "--sdk_location=container"])
+    # (Without a worker image, --sdk_location=container spares this test staging Beam's own sdist.)
+    options = PipelineOptions(args + etl_beam_args + ["--dry_run=True", "--no_auth"]
+                              + ([] if worker_image else ["--sdk_location=container"]))
     p = beam.Pipeline(options=options)
     pipeline.build_pipeline(p, config, "gs://my-bucket/out.tmp", pipeline.make_features(config, None), None,
                             ["cat"])
@@ -71,10 +77,8 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
     assert (cloud.project, cloud.region) == ("my-project", "europe-west4")
     assert cloud.temp_location.startswith("gs://my-bucket/dataflow/temp/")
     assert cloud.staging_location.startswith("gs://my-bucket/dataflow/staging/")
-    assert job.options.view_as(SetupOptions).setup_file == str(dataflow_options.SETUP_FILE)
-    # The package built from setup.py is staged for the workers' environment.
-    staged = [d.role_payload for env in job.proto_pipeline.components.environments.values() for d in env.dependencies]
-    assert any(b"workflow.tar.gz" in payload for payload in staged), staged
+    [environment_proto] = job.proto_pipeline.components.environments.values()
+    staged = [d.role_payload for d in environment_proto.dependencies]
     steps = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert {"LoadAndCheckImages", "CopyRecordsIntoShards", "WriteRejects"} <= steps
     # The worker pool Dataflow would get (the same object the runner sends after staging).
@@ -82,10 +86,33 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path):
                                         proto_pipeline_staged_url="gs://my-bucket/dataflow/staging/pipeline.pb",
                                         proto_pipeline=job.proto_pipeline).proto
     pool = environment.worker_pools[0]
+    harness = [c.container_image for c in pool.sdk_harness_container_images]
+    if worker_image is None:  # Beam's SDK image, which pip-installs the package built from setup.py
+        assert job.options.view_as(SetupOptions).setup_file == str(dataflow_options.SETUP_FILE)
+        assert any(b"workflow.tar.gz" in payload for payload in staged), staged
+        assert len(harness) == 1 and harness[0].endswith(f"/beam_python3.11_sdk:{beam.__version__}")
+    else:  # our image, which holds the package and its dependencies: nothing to install at start
+        assert job.options.view_as(SetupOptions).setup_file is None
+        assert not any(b"workflow.tar.gz" in payload for payload in staged), staged
+        assert environment_proto.urn == "beam:env:docker:v1" and worker_image.encode() in environment_proto.payload
+        assert harness == [worker_image] and pool.worker_harness_container_image == worker_image
+        assert "use_runner_v2" in environment.experiments
     assert pool.autoscaling_settings.max_num_workers == 7
     assert pool.autoscaling_settings.algorithm.name == "AUTOSCALING_ALGORITHM_BASIC"
     assert pool.machine_type == "n1-standard-2"
     assert environment.temp_storage_prefix.startswith("storage.googleapis.com/my-bucket/dataflow/temp/")
+
+
+def test_a_worker_image_replaces_the_setup_file_and_make_passes_it(capsys):
+    args = dataflow_args("p", "us-central1", "my-bucket", job_name="j", worker_image=WORKER_IMAGE)
+    assert f"--sdk_container_image={WORKER_IMAGE}" in args and "--sdk_location=container" in args
+    assert not any(a.startswith("--setup_file") for a in args)
+    assert any(a.startswith("--setup_file=") for a in dataflow_args("p", "us-central1", "my-bucket", job_name="j"))
+    assert dataflow_options.main(["--project", "p", "--region", "us-central1", "--bucket", "my-bucket",
+                                  "--worker_image", WORKER_IMAGE]) == 0
+    assert f"--sdk_container_image={WORKER_IMAGE}" in shlex.split(capsys.readouterr().out)
+    with pytest.raises(DataflowOptionsError, match="WORKER_IMAGE"):
+        dataflow_args("p", "us-central1", "my-bucket", worker_image="two words")
 
 
 def test_the_etl_takes_every_flag_dataflow_options_prints_and_refuses_mistyped_ones(capsys):

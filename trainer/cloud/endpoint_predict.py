@@ -91,12 +91,12 @@ def request_body(instances: Sequence[bytes]) -> bytes:
 
 
 def plan_requests(paths: Sequence[str], max_body_bytes: int, max_instances: int
-                  ) -> Iterator[tuple[list[str], bytes] | tuple[str, str]]:
-    """Yields (paths, body) for each request, each body at most max_body_bytes with at most
-    max_instances files, or (path, error) for a file that cannot go; in the files' order, holding
-    one request's files at a time."""
+                  ) -> Iterator[tuple[list[tuple[str, str | None]], bytes | None]]:
+    """Groups of files in the files' order: [(path, None to send it | why it cannot go)], and the one
+    request body of the group's sendable files (None if there are none), at most max_body_bytes with
+    at most max_instances files. Only one request's files are held at a time."""
     empty = len(request_body([]))
-    batch: list[str] = []
+    group: list[tuple[str, str | None]] = []
     parts: list[bytes] = []
     size = empty
     for path in paths:
@@ -104,20 +104,20 @@ def plan_requests(paths: Sequence[str], max_body_bytes: int, max_instances: int
             with open(path, "rb") as f:
                 part = instance(f.read())
         except OSError as e:
-            yield path, f"cannot read: {e.strerror}"
+            group.append((path, f"cannot read: {e.strerror}"))
             continue
         if empty + len(part) > max_body_bytes:
-            yield path, (f"the file makes a {empty + len(part):,}-byte request alone, over the limit of "
-                         f"{max_body_bytes:,} bytes: resize it first")
+            group.append((path, f"the file makes a {empty + len(part):,}-byte request alone, over the limit of "
+                                f"{max_body_bytes:,} bytes: resize it first"))
             continue
-        if batch and (size + len(b", ") + len(part) > max_body_bytes or len(batch) == max_instances):
-            yield batch, request_body(parts)
-            batch, parts, size = [], [], empty
-        size += len(part) + (len(b", ") if batch else 0)
-        batch.append(path)
+        if parts and (size + len(b", ") + len(part) > max_body_bytes or len(parts) == max_instances):
+            yield group, request_body(parts)
+            group, parts, size = [], [], empty
+        size += len(part) + (len(b", ") if parts else 0)
+        group.append((path, None))
         parts.append(part)
-    if batch:
-        yield batch, request_body(parts)
+    if group:
+        yield group, request_body(parts) if parts else None
 
 
 def prediction_line(path: str, prediction: dict) -> str:
@@ -126,21 +126,25 @@ def prediction_line(path: str, prediction: dict) -> str:
 
 def predict_files(paths: Sequence[str], post: Post, max_body_bytes: int = MAX_BODY_BYTES,
                   max_instances: int = DEFAULT_MAX_INSTANCES) -> Iterator[tuple[str, bool]]:
-    """(line, ok) per file, in the files' order."""
-    for item, payload in plan_requests(paths, max_body_bytes, max_instances):
-        if isinstance(item, str):
-            yield json.dumps({"file": item, "error": payload}), False
-            continue
-        try:
-            predictions = post(payload).get("predictions")
-            if not isinstance(predictions, list) or len(predictions) != len(item):
-                raise PredictError(f"the answer holds {predictions!r:.200} for {len(item)} instances")
-        except PredictError as e:
-            for path in item:
-                yield json.dumps({"file": path, "error": str(e)}), False
-            continue
-        for path, prediction in zip(item, predictions):
-            yield prediction_line(path, prediction), True
+    """(line, ok) per file, in the files' order; a request that fails fails each of its files."""
+    for group, body in plan_requests(paths, max_body_bytes, max_instances):
+        predictions: Iterator[dict] = iter(())
+        failure = None
+        if body is not None:
+            sent = sum(problem is None for _, problem in group)
+            try:
+                answer = post(body).get("predictions")
+                if not isinstance(answer, list) or len(answer) != sent:
+                    raise PredictError(f"the answer holds {answer!r:.200} for {sent} instances")
+                predictions = iter(answer)
+            except PredictError as e:
+                failure = str(e)
+        for path, problem in group:
+            problem = problem or failure
+            if problem is not None:
+                yield json.dumps({"file": path, "error": problem}), False
+            else:
+                yield prediction_line(path, next(predictions)), True
 
 
 def run(ns: argparse.Namespace, out=sys.stdout, post: Post | None = None) -> int:

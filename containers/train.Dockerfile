@@ -14,7 +14,7 @@ RUN python -m venv /opt/venv
 # TF's RUNPATH). Ubuntu 22.04's universe has Python 3.11.
 FROM nvidia/cuda:12.5.1-base-ubuntu22.04 AS base-gpu
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 python3.11-venv \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir "tensorflow[and-cuda]>=2.21,<2.22"

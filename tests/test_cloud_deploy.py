@@ -13,8 +13,10 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from google.cloud import aiplatform_v1 as aip
+from PIL import Image
 
 from tests.serving_fixtures import make_image_bytes, write_test_export
 from tests.test_containers import exec_form
@@ -220,13 +222,19 @@ class RecordingPost:
                                 for n in sizes], "deployedModelId": "1"}
 
 
+def noise_png(path, side: int) -> str:
+    """A PNG of random pixels: incompressible, so about 3 x side^2 bytes."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return str(path)
+
+
 def test_predict_splits_requests_under_the_body_limit_and_the_instance_count(tmp_path):
-    sizes = [300_000] * 9 + [10] * 5 + [2_000_000]  # 400 KB of base64 each; 5 small; one over the limit alone
-    paths = []
-    for i, size in enumerate(sizes):
-        paths.append(str(tmp_path / f"f{i:02d}.bin"))
-        open(paths[-1], "wb").write(os.urandom(size))
-    paths.insert(3, str(tmp_path / "missing.jpg"))
+    paths = [noise_png(tmp_path / f"big{i}.png", 316 + i) for i in range(9)]  # ~300 KB, ~400 KB in base64
+    paths += [noise_png(tmp_path / f"small{i}.png", 8 + i) for i in range(5)]
+    paths.append(noise_png(tmp_path / "huge.png", 830))  # ~2 MB: over the limit alone
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths[3:3] = [str(tmp_path / "missing.jpg"), str(tmp_path / "notes.txt")]
     post = RecordingPost()
     lines = [json.loads(line) for line, _ in endpoint_predict.predict_files(paths, post, max_instances=4)]
     assert [line["file"] for line in lines] == paths  # one line per file, in order
@@ -237,11 +245,30 @@ def test_predict_splits_requests_under_the_body_limit_and_the_instance_count(tmp
     for line, path in zip(lines, paths):
         if path.endswith("missing.jpg"):
             assert line["error"].startswith("cannot read: No such file")
-        elif os.path.getsize(path) > 1_000_000:
-            assert "over the limit of 1,500,000 bytes" in line["error"]
+        elif path.endswith("notes.txt"):  # refused by its header, as trainer.predict refuses it, and never sent
+            assert line["error"].startswith("ImageRejected: ")
+        elif path.endswith("huge.png"):
+            assert "-byte request alone, over the limit of 1,500,000 bytes" in line["error"]
         else:
-            assert line == {"file": path, "class_name": str(os.path.getsize(path)), "class_index": os.path.getsize(path),
-                            "probability": 1.0}
+            size = os.path.getsize(path)
+            assert line == {"file": path, "class_name": str(size), "class_index": size, "probability": 1.0}
+
+
+def test_an_instance_the_server_refuses_fails_alone_and_the_others_are_sent_again(tmp_path):
+    paths = [noise_png(tmp_path / f"{i}.png", 8 + i) for i in range(4)]
+    bad = os.path.getsize(paths[2])
+    recording = RecordingPost()
+
+    def post(body: bytes) -> dict:  # trainer.serve's answer to an image it cannot decode
+        sizes = [len(base64.b64decode(i["b64"])) for i in json.loads(body)["instances"]]
+        if bad in sizes:
+            raise endpoint_predict.PredictError(f'HTTP 400 from u: {{"error": "instance {sizes.index(bad)}: broken"}}')
+        return recording(body)
+
+    lines = [json.loads(line) for line, _ in endpoint_predict.predict_files(paths, post)]
+    assert [("error" in line) for line in lines] == [False, False, True, False]
+    assert "instance 2: broken" in lines[2]["error"]
+    assert [len(json.loads(b)["instances"]) for b in recording.bodies] == [3]  # sent once more, without it
 
 
 def test_an_endpoint_is_addressed_by_resource_name_or_by_id_with_project_and_region():
@@ -285,6 +312,8 @@ def test_the_serving_images_entrypoint_serves_the_deployed_copy_on_vertex_ais_ro
         for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (20, 30, 210)] * 2):
             files.append(str(tmp_path / f"{i}.png"))
             open(files[-1], "wb").write(make_image_bytes(colour, "PNG", size=(60, 50)))
+        files.insert(4, str(tmp_path / "truncated.jpg"))  # its header reads; its pixels do not decode
+        open(files[4], "wb").write(make_image_bytes((200, 200, 200), "JPEG", size=(60, 50))[:400])
         url = f"http://127.0.0.1:{port}{model.container_spec.predict_route}"
         http_post, bodies = endpoint_predict.make_post(url, with_credentials=False), []
 
@@ -298,15 +327,16 @@ def test_the_serving_images_entrypoint_serves_the_deployed_copy_on_vertex_ais_ro
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert code == 0, out.getvalue()
-    assert [len(json.loads(b)["instances"]) for b in bodies] == [2, 2, 2]  # under that body limit
+    assert code == 1, out.getvalue()  # the truncated file failed
+    # two per request under that body limit; the server refuses the truncated one, and its partner goes again
+    assert [len(json.loads(b)["instances"]) for b in bodies] == [2, 2, 2, 1, 1]
     from trainer.serving.predict import run as local_predict
 
-    assert local_predict(["--model", deployed["export"], *files]) == 0
+    assert local_predict(["--model", deployed["export"], *files]) == 1
     expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     got = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [g.keys() for g in got] == [e.keys() for e in expected]
-    assert [(g["file"], g["class_name"], g["class_index"]) for g in got] == \
-        [(e["file"], e["class_name"], e["class_index"]) for e in expected]
-    assert [g["class_name"] for g in got] == ["red", "green", "blue"] * 2
-    assert all(g["probability"] == pytest.approx(e["probability"], rel=1e-5) for g, e in zip(got, expected))
+    assert [g.keys() for g in got] == [e.keys() for e in expected]  # the same lines, an error where it has one
+    assert [g.get("class_name") for g in got] == [e.get("class_name") for e in expected] == \
+        ["red", "green", "blue", "red", None, "green", "blue"]
+    assert all(g["probability"] == pytest.approx(e["probability"], rel=1e-5) for g, e in zip(got, expected)
+               if "error" not in g)

@@ -2,8 +2,11 @@
 DataflowRunner translates them into (built offline with Beam's own --dry_run; nothing is sent)."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
 
 import pytest
 
@@ -130,3 +133,15 @@ def test_the_etl_takes_every_flag_dataflow_options_prints_and_refuses_mistyped_o
         with pytest.raises(SystemExit):
             parse_etl_args(["--input", "in.csv", "--output", "out", *argv])
         assert named in capsys.readouterr().err, argv
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("worker_image", ["", WORKER_IMAGE])
+def test_make_etl_passes_the_worker_image_to_the_flags_it_runs_with(worker_image):
+    """`make -n` prints the recipe; the flags it would run with come from dataflow_options itself."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe = subprocess.run(["make", "-n", "--no-print-directory", "etl", "RUNNER=DataflowRunner", "PROJECT=p",
+                             "REGION=us-central1", "BUCKET=my-bucket", "INPUT=gs://my-bucket/in.csv",
+                             "OUTPUT=gs://my-bucket/out", f"WORKER_IMAGE={worker_image}"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert f'--worker_image "{worker_image}"' in recipe

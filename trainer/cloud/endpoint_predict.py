@@ -4,9 +4,10 @@
     python -m trainer.cloud predict --endpoint ID --project P --region R *.jpg
     python -m trainer.cloud predict --endpoint_url http://localhost:8080/v1/models/model:predict *.jpg
 
-Each file goes as a {"b64": ...} instance, in requests kept under the online prediction body limit
-(1.5 MB) and --max_instances; each line is {"file", "class_name", "class_index", "probability"} as
-`python -m trainer.predict` prints it, or {"file", "error"}, and the exit status is 1 if any failed.
+Each image file goes as a {"b64": ...} instance, in requests kept under the online prediction body
+limit (1.5 MB) and --max_instances; each line is {"file", "class_name", "class_index", "probability"}
+as `python -m trainer.predict` prints it, or {"file", "error"} (a file that is not an image by its
+header is not sent), and the exit status is 1 if any failed.
 --endpoint_url posts to any server that speaks the same contract (the serving image, or
 `python -m trainer.serve` started with AIP_HTTP_PORT) without Google credentials.
 """
@@ -21,10 +22,13 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterator, Sequence
 
+from shared import image_check
+
 MAX_BODY_BYTES = 1_500_000  # Vertex AI's online prediction payload limit ("currently, 1.5MB", gcloud's help)
 DEFAULT_MAX_INSTANCES = 64  # trainer.serve's default --max_instances
 LINE_KEYS = ("class_name", "class_index", "probability")  # after "file": trainer.predict's line
 _ENDPOINT = re.compile(r"^projects/[^/]+/locations/([^/]+)/endpoints/[^/]+$")
+_REFUSED_INSTANCE = re.compile(r"HTTP 400 .*\binstance (\d+)\b")  # trainer.serve names the instance it refuses
 
 Post = Callable[[bytes], dict]  # a request body -> the response's JSON
 
@@ -43,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--region", default=None)
     p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="largest request (default: %(default)s)")
     p.add_argument("--max_instances", type=int, default=DEFAULT_MAX_INSTANCES, help="most files per request")
+    p.add_argument("--max_pixels", type=int, default=image_check.DEFAULT_MAX_PIXELS,
+                   help="refuse images whose header claims more pixels, unsent (default: %(default)s, the ETL's)")
     p.add_argument("files", nargs="+", help="local image files")
 
 
@@ -90,61 +96,75 @@ def request_body(instances: Sequence[bytes]) -> bytes:
     return b'{"instances": [' + b", ".join(instances) + b"]}"
 
 
-def plan_requests(paths: Sequence[str], max_body_bytes: int, max_instances: int
-                  ) -> Iterator[tuple[list[tuple[str, str | None]], bytes | None]]:
-    """Groups of files in the files' order: [(path, None to send it | why it cannot go)], and the one
-    request body of the group's sendable files (None if there are none), at most max_body_bytes with
-    at most max_instances files. Only one request's files are held at a time."""
+def plan_requests(paths: Sequence[str], max_body_bytes: int, max_instances: int,
+                  max_pixels: int = image_check.DEFAULT_MAX_PIXELS
+                  ) -> Iterator[list[tuple[str, bytes | str]]]:
+    """Groups of files in the files' order, each [(path, its instance | why it cannot go)], whose
+    instances make one request of at most max_body_bytes and max_instances. A file that is not an
+    image (by its header, as trainer.predict checks) fails here, unsent. One group is held at a time."""
     empty = len(request_body([]))
-    group: list[tuple[str, str | None]] = []
-    parts: list[bytes] = []
-    size = empty
+    group: list[tuple[str, bytes | str]] = []
+    count, size = 0, empty
     for path in paths:
         try:
             with open(path, "rb") as f:
-                part = instance(f.read())
+                data = f.read()
+            image_check.read_header(data, max_pixels)
         except OSError as e:
             group.append((path, f"cannot read: {e.strerror}"))
             continue
+        except image_check.ImageRejected as e:
+            group.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        part = instance(data)
         if empty + len(part) > max_body_bytes:
             group.append((path, f"the file makes a {empty + len(part):,}-byte request alone, over the limit of "
                                 f"{max_body_bytes:,} bytes: resize it first"))
             continue
-        if parts and (size + len(b", ") + len(part) > max_body_bytes or len(parts) == max_instances):
-            yield group, request_body(parts)
-            group, parts, size = [], [], empty
-        size += len(part) + (len(b", ") if parts else 0)
-        group.append((path, None))
-        parts.append(part)
+        if count and (size + len(b", ") + len(part) > max_body_bytes or count == max_instances):
+            yield group
+            group, count, size = [], 0, empty
+        size += len(part) + (len(b", ") if count else 0)
+        count += 1
+        group.append((path, part))
     if group:
-        yield group, request_body(parts) if parts else None
+        yield group
 
 
 def prediction_line(path: str, prediction: dict) -> str:
     return json.dumps({"file": path, **{k: prediction[k] for k in LINE_KEYS}})
 
 
+def predict_group(group: list[tuple[str, bytes | str]], post: Post) -> list[tuple[str, bool]]:
+    """(line, ok) per file of one group. When the server refuses one instance by number (trainer.serve's
+    400 "instance N: ..."), that file fails and the others are sent again without it."""
+    results: dict[int, tuple[str, bool]] = {i: (json.dumps({"file": path, "error": item}), False)
+                                            for i, (path, item) in enumerate(group) if isinstance(item, str)}
+    sending = [i for i, (_, item) in enumerate(group) if isinstance(item, bytes)]
+    while sending:
+        try:
+            answer = post(request_body([group[i][1] for i in sending])).get("predictions")
+            if not isinstance(answer, list) or len(answer) != len(sending):
+                raise PredictError(f"the answer holds {answer!r:.200} for {len(sending)} instances")
+        except PredictError as e:
+            refused = _REFUSED_INSTANCE.search(str(e))
+            if refused and int(refused.group(1)) < len(sending):
+                i = sending.pop(int(refused.group(1)))
+                results[i] = (json.dumps({"file": group[i][0], "error": str(e)}), False)
+                continue
+            results.update({i: (json.dumps({"file": group[i][0], "error": str(e)}), False) for i in sending})
+            break
+        results.update({i: (prediction_line(group[i][0], p), True) for i, p in zip(sending, answer)})
+        break
+    return [results[i] for i in range(len(group))]
+
+
 def predict_files(paths: Sequence[str], post: Post, max_body_bytes: int = MAX_BODY_BYTES,
-                  max_instances: int = DEFAULT_MAX_INSTANCES) -> Iterator[tuple[str, bool]]:
-    """(line, ok) per file, in the files' order; a request that fails fails each of its files."""
-    for group, body in plan_requests(paths, max_body_bytes, max_instances):
-        predictions: Iterator[dict] = iter(())
-        failure = None
-        if body is not None:
-            sent = sum(problem is None for _, problem in group)
-            try:
-                answer = post(body).get("predictions")
-                if not isinstance(answer, list) or len(answer) != sent:
-                    raise PredictError(f"the answer holds {answer!r:.200} for {sent} instances")
-                predictions = iter(answer)
-            except PredictError as e:
-                failure = str(e)
-        for path, problem in group:
-            problem = problem or failure
-            if problem is not None:
-                yield json.dumps({"file": path, "error": problem}), False
-            else:
-                yield prediction_line(path, next(predictions)), True
+                  max_instances: int = DEFAULT_MAX_INSTANCES,
+                  max_pixels: int = image_check.DEFAULT_MAX_PIXELS) -> Iterator[tuple[str, bool]]:
+    """(line, ok) per file, in the files' order."""
+    for group in plan_requests(paths, max_body_bytes, max_instances, max_pixels):
+        yield from predict_group(group, post)
 
 
 def run(ns: argparse.Namespace, out=sys.stdout, post: Post | None = None) -> int:
@@ -154,7 +174,7 @@ def run(ns: argparse.Namespace, out=sys.stdout, post: Post | None = None) -> int
         url = ns.endpoint_url or endpoint_url(ns.endpoint, ns.project, ns.region)
         post = make_post(url, with_credentials=ns.endpoint_url is None)
     total = failed = 0
-    for line, ok in predict_files(ns.files, post, ns.max_body_bytes, ns.max_instances):
+    for line, ok in predict_files(ns.files, post, ns.max_body_bytes, ns.max_instances, ns.max_pixels):
         out.write(line + "\n")
         out.flush()
         total += 1

@@ -80,10 +80,10 @@ def output_dirs(base_output_dir: str, trial: str | None = None) -> dict[str, str
 def pool_command(pool: aip.WorkerPoolSpec, python: str) -> list[str]:
     """What the pool's container would run, with `python` meaning this interpreter."""
     if pool.container_spec.image_uri:
-        command = list(pool.container_spec.command) + list(pool.container_spec.args)
         if not pool.container_spec.command:
             raise LocalRunError(f"the pool's container spec has no command (the image's ENTRYPOINT cannot run "
                                 f"here): {vertex_specs.spec_to_dict(pool.container_spec)}")
+        command = list(pool.container_spec.command) + list(pool.container_spec.args)
     else:
         package = pool.python_package_spec
         command = ["python", "-m", package.python_module, *package.args]

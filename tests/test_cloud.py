@@ -11,6 +11,8 @@ import importlib.util
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from google.cloud import aiplatform_v1 as aip
@@ -359,3 +361,12 @@ def test_workers_is_for_multi_worker_only_and_defaults_to_two_machines():
                        "--accelerator", "NVIDIA_TESLA_T4:1", "--num_training_examples", "4000"])
     spec = vertex_specs.spec_from_yaml(text, aip.CustomJobSpec)
     assert [pool.replica_count for pool in spec.worker_pool_specs] == [1, cloud.DEFAULT_WORKERS - 1]
+
+
+def test_the_cloud_command_loads_no_tensorflow():
+    """`python -m trainer.cloud` stays quick: TensorFlow runs only in --local_run's trainers and in
+    deploy's serving-copy process, never in the command's own."""
+    code = ("import sys, trainer.cloud.cli, trainer.cloud.images\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

@@ -28,8 +28,9 @@ ROLES = {
     "serving": (["trainer.serve", "trainer.predict", "trainer.bytes_only_export", "trainer.serving.serve"],
                 ["serving"], ["etl", "tf_keras", "trainer.train", "trainer.export", "trainer.models", "trainer.ingest"]),
     "tuning": (["trainer.tune", "trainer.search_space"], ["tuning"], ["etl", "trainer.serving", "trainer.cloud"]),
-    "cloud": (["trainer.cloud.__main__", "trainer.cloud.images"], ["cloud"],
-              ["etl", "tensorflow", "trainer.train", "trainer.serving"]),
+    # TensorFlow is installed for --local_run's trainers, but the command itself must not load it:
+    # tests/test_cloud.py checks that at run time (run_folder imports it inside functions cloud never calls).
+    "cloud": (["trainer.cloud.__main__", "trainer.cloud.images"], ["cloud"], ["etl", "trainer.train", "trainer.serving"]),
     # `trainer.cloud deploy` runs this in a subprocess (its TensorFlow stays out of the command).
     "cloud-serving-copy": (["trainer.bytes_only_export"], ["cloud"], ["etl", "tf_keras", "trainer.train"]),
     "benchmarks": (["etl.bench", "trainer.bench_ingest", "trainer.serving.bench", "trainer.bench_vectorise",

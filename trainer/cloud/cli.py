@@ -27,8 +27,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     images.add_build_parser(sub)
     jobs.add_job_parsers(sub)
-    deploy.add_parser(sub)
-    endpoint_predict.add_parser(sub)
+    deploy.add_command_parser(sub)
+    endpoint_predict.add_command_parser(sub)
     return p
 
 

@@ -50,7 +50,7 @@ class DeployClients:
     storage: object | None = None
 
 
-def add_parser(sub) -> None:
+def add_command_parser(sub) -> None:
     p = sub.add_parser("deploy", help="upload an export and deploy it to an endpoint", allow_abbrev=False,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="the export a training run wrote (<job_dir>/export)")

@@ -37,7 +37,7 @@ class PredictError(RuntimeError):
     """A request failed as a whole; the message carries the status and the server's words."""
 
 
-def add_parser(sub) -> None:
+def add_command_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict image files with a deployed endpoint", allow_abbrev=False,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)

@@ -156,15 +156,15 @@ def run_build(ns: argparse.Namespace, out=sys.stdout) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m trainer.cloud.images uri --kind K [--project P --region R --repository N --tag T]`."""
     p = argparse.ArgumentParser(prog="python -m trainer.cloud.images", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    uri = sub.add_parser("uri", help="print an image's address")
+    uri = sub.add_parser("uri", help="print an image's address", allow_abbrev=False)
     uri.add_argument("--kind", choices=sorted(IMAGES), required=True)
     uri.add_argument("--project", default="")
     uri.add_argument("--region", default="")
     uri.add_argument("--repository", default=DEFAULT_REPOSITORY)
     uri.add_argument("--tag", default="")
-    sub.add_parser("build-args", help="print an image's docker build arguments").add_argument(
+    sub.add_parser("build-args", help="print an image's docker build arguments", allow_abbrev=False).add_argument(
         "--kind", choices=sorted(IMAGES), required=True)
     ns = p.parse_args(argv)
     try:

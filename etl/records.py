@@ -19,6 +19,7 @@ from etl.inputs import Row, make_reject, rejected
 from shared import image_check, layout, schema
 from shared.image_check import ImageRejected
 from shared.paths import is_remote
+from shared.untrusted_files import FileRefused, read_untrusted_file
 
 
 class Loaded(typing.NamedTuple):
@@ -60,21 +61,24 @@ def sort_key_for(example_id: str) -> int:
 
 
 def read_limited(uri: str, max_bytes: int) -> bytes:
-    """The file's bytes, refusing (without reading on) a file larger than max_bytes, and a local
-    path that is not a regular file (opening a FIFO would wait for a writer forever)."""
+    """The file's bytes (`shared.untrusted_files.read_untrusted_file`), refusing a file larger than
+    max_bytes and a local path that is not a regular file (opening a FIFO would wait for a writer forever)."""
+    mode = size = None
     if not is_remote(uri):
         try:
-            mode = os.stat(uri).st_mode
+            info = os.stat(uri)
         except FileNotFoundError:
             raise ImageRejected("missing_file", "no such file") from None
         except OSError as e:
             raise ImageRejected("read_error", f"{type(e).__name__}: {e.strerror}") from None
-        problem = image_check.not_a_regular_file(mode)
-        if problem:
-            raise ImageRejected("read_error", problem)
+        mode, size = info.st_mode, info.st_size
     try:
-        with FileSystems.open(uri, compression_type="uncompressed") as f:
-            data = f.read(max_bytes + 1)
+        return read_untrusted_file(lambda: FileSystems.open(uri, compression_type="uncompressed"), max_bytes,
+                                   mode=mode, size=size)
+    except FileRefused as e:
+        if e.reason == "too_large":
+            raise ImageRejected("too_large", f"{e.detail} (--max_file_mb {max_bytes / 2**20:g})") from None
+        raise ImageRejected("read_error", e.detail) from None
     except FileNotFoundError:
         raise ImageRejected("missing_file", "no such file") from None
     except Exception as e:  # Beam wraps GCS errors; tell a missing object from an unreadable one
@@ -85,9 +89,6 @@ def read_limited(uri: str, max_bytes: int) -> bytes:
         if missing:
             raise ImageRejected("missing_file", "no such file") from None
         raise ImageRejected("read_error", f"{type(e).__name__}: {e}") from None
-    if len(data) > max_bytes:
-        raise ImageRejected("too_large", f"the file is larger than --max_file_mb ({max_bytes / 2**20:g} MB)")
-    return data
 
 
 class LoadImage(beam.DoFn):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import stat
 import warnings
 import zlib
 
@@ -40,20 +39,6 @@ class ImageHeader:
     mode: str  # PIL's mode: "RGB", "L", "CMYK", "P", ...
     width: int
     height: int
-
-
-_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def not_a_regular_file(mode: int) -> str | None:
-    """None for a regular file's st_mode, else why it cannot be an image file, e.g. "not a regular
-    file (a FIFO or pipe)": opening a FIFO waits for a writer forever, and a device or pipe has no
-    size to check. The ETL, `trainer.predict` and the server's `filenames` all refuse such paths."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((kind for is_kind, kind in _NOT_REGULAR if is_kind(mode)), oct(stat.S_IFMT(mode)))
-    return f"not a regular file ({kind})"
 
 
 def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:

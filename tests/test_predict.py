@@ -117,7 +117,8 @@ def test_files_that_are_not_regular_or_too_big_get_an_error_line_and_nothing_wai
     assert lines[str(tmp_path)]["error"] == "OSError: not a regular file (a folder)"
     assert lines["/dev/null"]["error"] == "OSError: not a regular file (a character device)"
     assert "error" not in lines[red]
-    assert f"the file has {big.stat().st_size:,} bytes, over --max_file_mb (0.1 MB)" in lines[str(big)]["error"]
+    assert (f"the file has {big.stat().st_size:,} bytes, over the limit of {int(0.1 * 2**20):,} (--max_file_mb 0.1 MB)"
+            in lines[str(big)]["error"])
 
 
 def test_results_come_as_each_call_returns_not_after_every_file_is_read(test_export, images, monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from shared import image_check
 from shared.paths import is_remote
+from shared.untrusted_files import FileRefused, read_untrusted_file
 from trainer.serving.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
                                     prepare_image_bytes)
 
@@ -52,30 +53,26 @@ def read_image_file(path: str, max_pixels: int = image_check.DEFAULT_MAX_PIXELS,
     """The file's bytes made model-ready, or OSError / ImageRejected saying why not.
 
     A local path must be a regular file: opening a FIFO waits for a writer forever, and a device
-    or pipe reports size 0 ("empty") to tf.io.gfile. Files over `max_bytes` are refused unread."""
+    or pipe reports size 0 ("empty") to tf.io.gfile. Files over `max_bytes` are refused unread
+    (`shared.untrusted_files`)."""
     import tensorflow as tf
 
     try:
         if is_remote(path):
-            size = tf.io.gfile.stat(path).length
+            mode, size = None, tf.io.gfile.stat(path).length
         else:
             try:
                 info = os.stat(path)
             except OSError as e:
                 raise OSError(f"cannot read: {e.strerror}") from None
-            problem = image_check.not_a_regular_file(info.st_mode)
-            if problem:
-                raise OSError(problem)
-            size = info.st_size
-        if size > max_bytes:
-            raise image_check.ImageRejected("too_large", f"the file has {size:,} bytes, over --max_file_mb "
-                                                         f"({max_bytes / 2**20:.3g} MB)")
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            mode, size = info.st_mode, info.st_size
+        data = read_untrusted_file(lambda: tf.io.gfile.GFile(path, "rb"), max_bytes, mode=mode, size=size)
     except tf.errors.OpError as e:
         raise OSError(f"cannot read: {e.message}") from None
-    if len(data) > max_bytes:  # it grew since the stat
-        raise image_check.ImageRejected("too_large", f"the file has over {max_bytes:,} bytes (--max_file_mb)")
+    except FileRefused as e:
+        if e.reason == "not_regular":
+            raise OSError(e.detail) from None
+        raise image_check.ImageRejected("too_large", f"{e.detail} (--max_file_mb {max_bytes / 2**20:.3g} MB)") from None
     return prepare_image_bytes(data, image_check.read_header(data, max_pixels))
 
 

@@ -23,6 +23,7 @@ import orjson
 import pybase64
 
 from shared import image_check
+from shared.untrusted_files import FileRefused, read_untrusted_file
 from trainer.serving.contract import SERVING_SIGNATURE
 from trainer.serving.exported_model import prepare_image_bytes
 
@@ -190,14 +191,13 @@ def read_file_under_root(index: int, name: Any, limits: ServingLimits) -> bytes:
         if sys.platform.startswith("linux") and not _is_under(os.readlink(f"/proc/self/fd/{fd}"), root):
             raise RequestRejected(403, f"instance {index}: {name[:200]!r} is outside the allowed root")
         info = os.fstat(fd)
-        problem = image_check.not_a_regular_file(info.st_mode)
-        if problem:
-            raise RequestRejected(400, f"instance {index}: {name[:200]!r} is {problem}")
-        if info.st_size > limits.max_body_bytes:
-            raise RequestRejected(413, f"instance {index}: {name[:200]!r} has {info.st_size:,} bytes, over the "
-                                       f"limit of {limits.max_body_bytes:,} (--max_body_mb)")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limits.max_body_bytes + 1)
+        try:
+            return read_untrusted_file(lambda: os.fdopen(os.dup(fd), "rb"), limits.max_body_bytes,
+                                       mode=info.st_mode, size=info.st_size)
+        except FileRefused as e:
+            if e.reason == "not_regular":
+                raise RequestRejected(400, f"instance {index}: {name[:200]!r} is {e.detail}") from None
+            raise RequestRejected(413, f"instance {index}: {name[:200]!r}: {e.detail} (--max_body_mb)") from None
     finally:
         os.close(fd)
 

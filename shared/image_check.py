@@ -18,10 +18,20 @@ Image.MAX_IMAGE_PIXELS = None
 # 40 MP: larger than any phone photo (a 48 MP sensor bins to 12 MP), and 40e6 x 3 bytes = 120 MB decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# The only formats PIL may open (every Image.open of untrusted bytes passes `formats=`): PIL would
+# otherwise read EPS/PS by running Ghostscript on them, and dozens of rarer formats. A JPEG with
+# an MPO index (phone photos) opens through "JPEG" as format "MPO".
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+
 # JPEG, opaque PNG and plain BMP are passed to TensorFlow's decode_image as they are
 # (`to_tf_decodable`); anything else becomes PNG first. Not GIF, although TF reads it: decode_image
 # decodes every frame even with expand_animations=False (120 frames of 1000x1000 took 3.3 s), and
 # the header gives one frame's size, so a small animated GIF could hold gigabytes of pixels.
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open (the header only) of untrusted bytes, restricted to ALLOWED_FORMATS."""
+    return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
 
 
 class ImageRejected(ValueError):
@@ -62,10 +72,11 @@ def _pil_header(data: bytes) -> ImageHeader:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))  # lazy: parses the header, decodes nothing
+            image = open_image(data)  # lazy: parses the header, decodes nothing
     except Image.UnidentifiedImageError:  # its message names only an io.BytesIO object
         raise ImageRejected("not_an_image", f"not a readable image: no image format starts with the bytes "
-                                            f"{data[:8].hex(' ')}") from None
+                                            f"{data[:8].hex(' ')} (the formats read: {', '.join(ALLOWED_FORMATS)})"
+                            ) from None
     except Exception as e:  # a known format's header that does not parse: SyntaxError, struct.error ...
         raise ImageRejected("not_an_image", f"not a readable image: {type(e).__name__}: {e}") from None
     width, height = image.size
@@ -139,7 +150,7 @@ def verify_decodes(data: bytes, header: ImageHeader) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = open_image(data)
             if header.format == "JPEG":
                 image.draft("RGB", (max(1, header.width // 8), max(1, header.height // 8)))
             image.load()
@@ -174,10 +185,10 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
 
 
 def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> bytes:
-    """Decodes any PIL-readable image (first frame) and re-encodes it as RGB `image_format` ('JPEG' or 'PNG')."""
+    """Decodes an image of ALLOWED_FORMATS (first frame) and re-encodes it as RGB `image_format` ('JPEG' or 'PNG')."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         image.seek(0)
         image = _to_8_bit(image)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):

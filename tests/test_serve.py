@@ -258,7 +258,8 @@ def _hostile_bodies() -> dict[str, tuple[dict, int, str]]:
         "invalid base64": ({"instances": [good, {"b64": "not*base64!"}]}, 400, "instance 1: invalid base64"),
         "base64 with a bad length": ({"instances": [{"b64": "abcde"}]}, 400, "instance 0: invalid base64"),
         "not an image": ({"instances": [good, {"b64": b64(b"%PDF-1.4 hello")}]}, 400,
-                         "instance 1: not a readable image: no image format starts with the bytes 25 50 44 46 2d 31 2e 34"),
+                         "instance 1: not a readable image: no image format starts with the bytes 25 50 44 46 2d 31 2e 34 "
+                         "(the formats read: JPEG, PNG, BMP, GIF, WEBP, TIFF)"),
         "truncated jpeg": ({"instances": [good, good, {"b64": b64(truncated)}]}, 400,
                            "instance 2: the image does not decode (corrupt or truncated: jpeg::Uncompress failed. Invalid JPEG data"),
         "decompression bomb header": ({"instances": [{"b64": b64(make_bomb_png_header())}]}, 413, "instance 0: 30000x30000"),

@@ -123,7 +123,6 @@ def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     shown = [r for r in results if r.prediction is not None][:GRID_MAX_IMAGES]
     if not shown:
@@ -134,7 +133,7 @@ def write_prediction_grid(results: Sequence[FilePrediction], output_path: str) -
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, shown):
-        image = Image.open(io.BytesIO(r.image)).convert("RGB")
+        image = image_check.open_image(r.image).convert("RGB")
         image.thumbnail((512, 512))
         ax.imshow(image)
         # parse_math=False: a '$' in a file or class name would start a mathtext formula ('a$_$b.jpg' failed the grid)
@@ -183,7 +182,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                    help="refuse images whose header claims more pixels (default: %(default)s, the ETL's)")
     p.add_argument("--max_file_mb", type=float, default=DEFAULT_MAX_FILE_MB,
                    help="refuse files larger than this, unread (default: %(default)s, the ETL's)")
-    p.add_argument("files", nargs="+", help="image files (JPEG, PNG, GIF, BMP, or anything PIL reads), local or gs://")
+    p.add_argument("files", nargs="+", help=f"image files ({', '.join(image_check.ALLOWED_FORMATS)}), local or gs://")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error(f"--batch_size must be positive, got {args.batch_size}")

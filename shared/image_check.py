@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import warnings
 import zlib
 
@@ -22,11 +23,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # otherwise read EPS/PS by running Ghostscript on them, and dozens of rarer formats. A JPEG with
 # an MPO index (phone photos) opens through "JPEG" as format "MPO".
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
-
-# JPEG, opaque PNG and plain BMP are passed to TensorFlow's decode_image as they are
-# (`to_tf_decodable`); anything else becomes PNG first. Not GIF, although TF reads it: decode_image
-# decodes every frame even with expand_animations=False (120 frames of 1000x1000 took 3.3 s), and
-# the header gives one frame's size, so a small animated GIF could hold gigabytes of pixels.
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -160,9 +156,10 @@ def verify_decodes(data: bytes, header: ImageHeader) -> None:
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
-    """A 16-bit or float greyscale image as 8-bit "L", scaled as TF's decoder scales a 16-bit PNG
-    (PIL's convert("RGB") clips instead: a mid-grey 16-bit image came out white, a float one black).
-    Other modes are returned as they are. Raises ImageRejected for values with no known range."""
+    """A 16-bit or float greyscale image as 8-bit "L": 16 bits to their high byte, as TF's PNG
+    decoder and PIL's own 16-bit RGB reading do (PIL's convert("RGB") clips instead: a mid-grey
+    16-bit image came out white, a float one black). Other modes are returned as they are.
+    Raises ImageRejected for values with no known range."""
     import numpy as np
 
     if not (image.mode.startswith("I") or image.mode == "F"):
@@ -173,27 +170,29 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
         if low < 0.0 or high > 1.0:
             raise ImageRejected("corrupt", f"a floating-point image with values in [{low:g}, {high:g}]; only [0, 1] "
                                            f"has a known meaning as pixels")
-        scaled = values * 255.0
+        scaled = np.rint(values * 255.0)
     elif image.mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535):
-        scaled = values / 257.0  # 65535 -> 255, as TF and libpng reduce 16 bits to 8
+        scaled = np.floor(values / 256.0)
     elif low >= 0 and high <= 255:  # 32-bit container ("I") of 8-bit values
         scaled = values
     else:
         raise ImageRejected("corrupt", f"a 32-bit integer image with values in [{low:g}, {high:g}]; only 16-bit "
                                        f"ranges have a known meaning as pixels")
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> bytes:
-    """Decodes an image of ALLOWED_FORMATS (first frame) and re-encodes it as RGB `image_format` ('JPEG' or 'PNG')."""
+    """Decodes an image of ALLOWED_FORMATS (its first frame) and re-encodes it as RGB `image_format`
+    ('JPEG' or 'PNG'), transparency flattened onto white as the graph flattens it
+    (`shared.preprocess`: PIL's paste with a mask rounds alike)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = open_image(data)
         image.seek(0)
         image = _to_8_bit(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            # Flatten transparency onto white, as a viewer would show it, instead of onto black.
-            rgba = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            # Onto white, as a viewer shows it, not onto the colour transparent pixels store (often black).
+            rgba = image.convert("RGBA")  # also applies a palette's, grey or RGB image's tRNS
             image = Image.new("RGB", rgba.size, (255, 255, 255))
             image.paste(rgba, mask=rgba.getchannel("A"))
         else:
@@ -206,45 +205,32 @@ def to_rgb_image_bytes(data: bytes, image_format: str, quality: int = 95) -> byt
     return out.getvalue()
 
 
-def _tf_reads_bmp_as_is(data: bytes) -> bool:
-    """True for the BMPs TF's decoder reads as PIL does: a Windows header (40 bytes or a later,
-    longer version), uncompressed (BI_RGB), 24 or 32 bits a pixel, rows either way up.
+def graph_reads_as_sent(data: bytes) -> bool:
+    """True for the bytes the serving graph decodes itself (`shared.preprocess.decode_image`, by the
+    same magic bytes and header fields): JPEG, PNG, a still WebP, and a BMP with a Windows header
+    (40 bytes or a later, longer version), uncompressed, of 8 (palette), 24 or 32 bits a pixel.
 
-    TF reads an 8-bit palette BMP's colour indices as grey levels (a white palette image
-    arrives black, and is predicted with no error), and refuses 1- and 4-bit, OS/2
-    (12-byte header) and bit-field BMPs that PIL reads; those become PNG like any other format."""
-    if len(data) < 34 or data[:2] != b"BM":
-        return False
-    header_size = int.from_bytes(data[14:18], "little")
-    bits_per_pixel = int.from_bytes(data[28:30], "little")
-    compression = int.from_bytes(data[30:34], "little")
-    return header_size >= 40 and bits_per_pixel in (24, 32) and compression == 0
-
-
-def _png_has_transparency(data: bytes, header: ImageHeader) -> bool:
-    """True for a PNG with an alpha channel, or a palette PNG with a tRNS chunk (which must come
-    before the first IDAT). A grey or RGB PNG's tRNS (one transparent colour) PIL ignores too."""
-    if header.mode in ("RGBA", "LA"):
+    The graph refuses the rest, since TF cannot read them as PIL does: it decodes every frame of a
+    GIF (the header gives one frame's size), has no TIFF decoder, and refuses 1- and 4-bit, OS/2
+    (12-byte header), RLE and bit-field BMPs."""
+    if data[:3] == b"\xff\xd8\xff" or data[:8] == _PNG_SIGNATURE:
         return True
-    if header.mode != "P":
-        return False
-    pos = 8
-    while pos + 8 <= len(data):
-        kind = data[pos + 4:pos + 8]
-        if kind in (b"tRNS", b"IDAT"):
-            return kind == b"tRNS"
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    if data[:2] == b"BM" and len(data) >= 34:
+        header_size = int.from_bytes(data[14:18], "little")
+        bits_per_pixel = int.from_bytes(data[28:30], "little")
+        compression = int.from_bytes(data[30:34], "little")
+        return header_size >= 40 and bits_per_pixel in (8, 24, 32) and compression == 0
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
+        return not animated
     return False
 
 
 def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
-    """Bytes that TF's decode_image reads as the image the header describes: the original for
-    JPEG, opaque PNG and plain 24/32-bit BMP; the first frame as RGB PNG (lossless) for everything
-    else, transparency flattened onto white as `to_rgb_image_bytes` does for the jpeg form. (TF's
-    decode with 3 channels drops alpha and shows whatever colour the transparent pixels store,
-    often black: training on the jpeg form and serving a transparent PNG would disagree.)"""
-    if header.format == "JPEG" or (header.format == "PNG" and not _png_has_transparency(data, header)) \
-            or (header.format == "BMP" and _tf_reads_bmp_as_is(data)):
+    """Bytes the serving graph decodes to the pixels the ETL stores: the original when the graph reads
+    them itself (`graph_reads_as_sent`); else the first frame as RGB PNG (lossless), transparency
+    flattened onto white as the graph does."""
+    if graph_reads_as_sent(data):
         return data
     try:
         return to_rgb_image_bytes(data, "PNG")
@@ -255,12 +241,21 @@ def to_tf_decodable(data: bytes, header: ImageHeader) -> bytes:
                                        f"{type(e).__name__}: {e}") from None
 
 
+# What TF wraps around an error raised inside a tf.data map, and around an Assert's message.
+_TF_DATA_PREFIX = re.compile(r"^Error in user-defined function passed to \S+ transformation with iterator: \S+: ")
+_ASSERTION = re.compile(r"^assertion failed: \[(.*)\]$")
+
+
 def decode_error_cause(message: str) -> str:
     """TF's error message for a failed decode -> its cause, e.g. "jpeg::Uncompress failed. Invalid JPEG
     data or crop window.". Around the cause TF puts "Graph execution error:", "Detected at node ...",
     the Python stack that built the graph (indented) or "<stack traces unavailable>" for a loaded
-    SavedModel, and node names (indented, "[[...]]"): the cause is the last line that is none of these."""
+    SavedModel, and node names (indented, "[[...]]"): the cause is the last line that is none of these,
+    without the tf.data map's prefix or an assertion's brackets."""
     causes = [line for line in message.splitlines()
               if line.strip() and not line[0].isspace()
               and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>", "[["))]
-    return causes[-1].strip()[:200] if causes else "no cause given"
+    if not causes:
+        return "no cause given"
+    cause = _TF_DATA_PREFIX.sub("", causes[-1].strip())
+    return _ASSERTION.sub(r"\1", cause)[:300]

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from shared import image_check
+from shared import image_check, preprocess
 from tests.image_factory import encode, jpeg_with_claimed_size, make_image, png_with_claimed_size
 
 
@@ -164,55 +164,84 @@ def bmp(pixels: np.ndarray, header_size: int = 40, top_down: bool = False, bit_f
     return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + dib + data
 
 
-BMP_CASES = {  # name: (bytes, whether TF reads them as they are)
+def flipped_rows(data: bytes) -> bytes:
+    """A bottom-up BMP written top-down: rows in the other order and a negative height."""
+    import struct
+
+    offset, width, height, bits = (struct.unpack("<I", data[10:14])[0], *struct.unpack("<ii", data[18:26]),
+                                   struct.unpack("<H", data[28:30])[0])
+    row_size = (width * bits + 31) // 32 * 4
+    rows = [data[offset + i * row_size:offset + (i + 1) * row_size] for i in range(height)]
+    return data[:22] + struct.pack("<i", -height) + data[26:offset] + b"".join(reversed(rows))
+
+
+BMP_CASES = {  # name: (bytes, whether the graph decodes them as they are)
     "24-bit": (lambda: encode(photo(), "BMP"), True),
     "32-bit": (lambda: encode(photo("RGBA"), "BMP"), True),
     "24-bit top-down": (lambda: bmp(np.asarray(photo()), top_down=True), True),
-    "8-bit palette": (lambda: encode(photo().convert("P", palette=Image.ADAPTIVE), "BMP"), False),
-    "8-bit grey": (lambda: encode(photo("L"), "BMP"), False),
+    "8-bit palette": (lambda: encode(photo().quantize(50), "BMP"), True),
+    "8-bit palette top-down": (lambda: flipped_rows(encode(photo().quantize(50), "BMP")), True),
+    "8-bit grey": (lambda: encode(photo("L"), "BMP"), True),
     "1-bit": (lambda: encode(photo("1"), "BMP"), False),
     "OS/2 24-bit": (lambda: bmp(np.asarray(photo()), header_size=12), False),
     "32-bit bit fields": (lambda: bmp(np.asarray(photo()), bit_fields=True), False),
 }
 
 
+def graph_decode(data: bytes) -> np.ndarray:
+    return preprocess.decode_image(tf.constant(data)).numpy()
+
+
 @pytest.mark.parametrize("name", sorted(BMP_CASES))
-def test_the_model_sees_a_bmp_as_pil_does(name):
-    """TF reads a palette BMP's indices as grey levels (a white image arrives black, with no
-    error) and refuses 1-bit, OS/2 and bit-field BMPs: only the plain layouts reach it as sent."""
+def test_the_model_sees_a_bmp_as_pil_does_or_is_given_a_png(name):
+    """TF reads an 8-bit BMP's palette indices as grey levels (the graph looks them up), and refuses
+    1-bit, OS/2 and bit-field BMPs, which the graph refuses by name and the ETL and server convert."""
     make, as_sent = BMP_CASES[name]
     data = make()
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert image_check.graph_reads_as_sent(data) == as_sent
     prepared = image_check.to_tf_decodable(data, image_check.read_header(data))
     assert (prepared is data) == as_sent
-    seen_by_model = tf.io.decode_image(prepared, channels=3, expand_animations=False).numpy()
-    np.testing.assert_array_equal(seen_by_model, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    np.testing.assert_array_equal(graph_decode(prepared), pil)
+    if not as_sent:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="BMP .* bits a pixel"):
+            graph_decode(data)
 
 
 def half_transparent(mode: str) -> bytes:
-    """A PNG whose left half is opaque red and right half fully transparent, stored as black."""
+    """A PNG whose left half is opaque red, right half fully transparent and stored as black, and
+    a column in between half transparent."""
     pixels = np.zeros((30, 40, 4), np.uint8)
     pixels[:, :20] = (200, 0, 0, 255)
+    pixels[:, 19] = (200, 100, 50, 128)
     image = Image.fromarray(pixels, "RGBA")
     if mode == "P":  # palette entry 0 is the transparent black
         return encode(image.convert("RGB").convert("P"), "PNG", transparency=0)
+    if mode in ("RGB", "L"):  # one transparent colour (tRNS): black
+        return encode(image.convert(mode), "PNG", transparency=(0, 0, 0) if mode == "RGB" else 0)
     return encode(image.convert(mode), "PNG")
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_the_model_sees_a_transparent_png_on_white_as_the_jpeg_form_stores_it(mode):
-    """TF's 3-channel decode drops alpha and shows the colour transparent pixels store (black
-    here), while the jpeg form flattens onto white: served and trained images would differ."""
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB", "L"])
+def test_the_graph_flattens_a_transparent_png_onto_white_as_the_jpeg_form_does(mode):
+    """TF's 3-channel decode drops alpha and shows the colour transparent pixels store (black here),
+    while the jpeg form flattens onto white: the graph flattens too, rounding as PIL's paste."""
     data = half_transparent(mode)
-    seen_by_model = tf.io.decode_image(image_check.to_tf_decodable(data, image_check.read_header(data)), channels=3)
-    jpeg_form = Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))  # its pixels before JPEG coding
-    np.testing.assert_array_equal(seen_by_model.numpy(), np.asarray(jpeg_form))
-    assert seen_by_model.numpy()[0, 30].tolist() == [255, 255, 255]
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
-def test_an_opaque_png_reaches_the_model_as_sent(mode):
-    data = encode(photo(mode), "PNG")
     assert image_check.to_tf_decodable(data, image_check.read_header(data)) is data
+    seen_by_model = graph_decode(data)
+    jpeg_form = Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))  # its pixels before JPEG coding
+    np.testing.assert_array_equal(seen_by_model, np.asarray(jpeg_form))
+    assert seen_by_model[0, 30].tolist() == [255, 255, 255]
+    if mode == "RGBA":
+        assert seen_by_model[0, 19].tolist() == [227, 177, 152]  # round((c * 128 + 255 * 127) / 255)
+
+
+def test_the_flattening_rounds_as_pil_for_every_colour_and_alpha():
+    values = np.arange(256, dtype=np.uint8)
+    rgba = np.stack(np.broadcast_arrays(values[None, :], values[None, :], values[None, :], values[:, None]), -1)
+    pil = Image.new("RGB", (256, 256), (255, 255, 255))
+    pil.paste(Image.fromarray(rgba, "RGBA"), mask=Image.fromarray(rgba[..., 3], "L"))
+    np.testing.assert_array_equal(graph_decode(encode(Image.fromarray(rgba, "RGBA"), "PNG")), np.asarray(pil))
 
 
 def grey_gradient(dtype) -> np.ndarray:
@@ -220,16 +249,18 @@ def grey_gradient(dtype) -> np.ndarray:
     return (ramp * 65535).astype(np.uint16) if dtype == np.uint16 else ramp.astype(np.float32)
 
 
-@pytest.mark.parametrize("image_format", ["PNG", "TIFF"])
-def test_a_16_bit_image_is_scaled_not_clipped_and_every_form_sees_it_alike(image_format):
+def test_a_16_bit_image_is_scaled_not_clipped_and_every_form_sees_it_alike():
     """PIL's convert("RGB") clips 16-bit values at 255: a mid-grey ramp came out white in the jpeg
-    form, while TF (pixels form, serving) scales the PNG to 8 bits."""
-    data = encode(Image.fromarray(grey_gradient(np.uint16)), image_format)
-    jpeg_form = np.asarray(Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG")))).astype(int)
-    seen_by_model = tf.io.decode_image(image_check.to_tf_decodable(data, image_check.read_header(data)),
-                                       channels=3).numpy().astype(int)
-    assert abs(jpeg_form.mean() / 255 - 0.5) < 0.01
-    assert np.abs(jpeg_form - seen_by_model).max() <= 1  # 65535/257 vs TF's 16-to-8 bits
+    form. The graph keeps a 16-bit PNG's high byte; the jpeg form and a converted TIFF do the same."""
+    png, tiff = (encode(Image.fromarray(grey_gradient(np.uint16)), image_format) for image_format in ("PNG", "TIFF"))
+    seen_by_model = graph_decode(png)
+    assert abs(seen_by_model.mean() / 255 - 0.5) < 0.01
+    np.testing.assert_array_equal(seen_by_model[..., 0], grey_gradient(np.uint16) >> 8)
+    for data in (png, tiff):
+        jpeg_form = np.asarray(Image.open(io.BytesIO(image_check.to_rgb_image_bytes(data, "PNG"))))
+        np.testing.assert_array_equal(jpeg_form, seen_by_model)
+    np.testing.assert_array_equal(graph_decode(image_check.to_tf_decodable(tiff, image_check.read_header(tiff))),
+                                  seen_by_model)
 
 
 def test_a_float_image_in_0_1_is_scaled_and_other_ranges_are_refused():

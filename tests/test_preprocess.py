@@ -25,9 +25,40 @@ def test_either_resize_order_matches_scaling_first(size, target, seed):
         assert got.min() >= 0.0 and got.max() <= 1.0
 
 
-def test_the_sidecar_states_the_tolerance_the_test_holds_the_orders_to():
-    # Every pixels dataset's sidecar carries this text; it said "2 ulps" while the orders differ by up to 1.8e-7.
-    assert f"within {preprocess.RESIZE_ORDER_TOLERANCE:g}" in preprocess.DESCRIPTION["scaling"]
+def test_the_two_resize_orders_agree_within_the_stated_tolerance_on_random_images():
+    """The tolerance the sidecar states holds for both orders on random images and sizes, shrinking
+    and enlarging (each image is resized both ways, whichever resize_image would choose)."""
+    rng = np.random.default_rng(11)
+    worst = 0.0
+    for _ in range(120):
+        height, width = rng.integers(1, 120, 2)
+        target = [int(t) for t in rng.integers(1, 64, 2)]
+        image = tf.constant(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        resize = lambda x: tf.image.resize(x, target, method=preprocess.RESIZE_METHOD,  # noqa: E731
+                                           antialias=preprocess.RESIZE_ANTIALIAS)
+        resized_first = tf.clip_by_value(resize(image) * (1.0 / 255.0), 0.0, 1.0)
+        scaled_first = tf.clip_by_value(resize(tf.image.convert_image_dtype(image, tf.float32)), 0.0, 1.0)
+        worst = max(worst, float(tf.reduce_max(tf.abs(resized_first - scaled_first))))
+    assert 0 < worst <= preprocess.RESIZE_ORDER_TOLERANCE
+
+
+def test_the_sidecar_text_is_built_from_the_constants_the_code_uses(monkeypatch):
+    assert preprocess.describe() == preprocess.DESCRIPTION
+    monkeypatch.setattr(preprocess, "RESIZE_ORDER_TOLERANCE", 1.25e-5)
+    monkeypatch.setattr(preprocess, "RESIZE_METHOD", "area")
+    monkeypatch.setattr(preprocess, "GRAPH_FORMATS", "JPEG only")
+    described = preprocess.describe()
+    assert "within 1.25e-05" in described["scaling"] and described["resize"]["method"] == "area"
+    assert "JPEG only" in described["decode"]
+
+
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True})])
+def test_a_jpeg_decodes_as_before_the_graph_read_other_formats(mode, options):
+    """JPEG takes its own branch: its pixels (and so every JPEG dataset's records) stay decode_image's."""
+    data = encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode),
+                  "JPEG", **options)
+    np.testing.assert_array_equal(preprocess.decode_image(tf.constant(data)).numpy(),
+                                  tf.io.decode_image(data, channels=3, expand_animations=False).numpy())
 
 
 def test_resize_image_refuses_an_already_scaled_image():

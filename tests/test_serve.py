@@ -95,7 +95,7 @@ def assert_predictions_equal(got: list[dict], expected: list[dict]):
 
 
 IMAGES = [make_image_bytes((250, 10, 10)), make_image_bytes((10, 230, 10), "JPEG"), make_image_bytes((120, 120, 130)),
-          make_image_bytes((10, 10, 240), "GIF")]
+          make_image_bytes((10, 10, 240), "WEBP")]
 
 
 # --- the contract -----------------------------------------------------------------------------

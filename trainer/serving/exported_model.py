@@ -32,8 +32,9 @@ def prepare_image_bytes(data: bytes, header: image_check.ImageHeader, verify: bo
     """Untrusted bytes whose header passed `image_check.read_header` -> bytes the serving
     signature can decode, or ImageRejected('corrupt').
 
-    Only JPEG, PNG and BMP reach TF as sent; the rest (GIF, WebP, TIFF...) become PNG of their
-    first frame (`image_check.to_tf_decodable`), as in the ETL. `verify` decodes the whole image
+    What the graph decodes itself (JPEG, PNG, still WebP, plain BMP) reaches it as sent; the rest
+    (GIF, animated WebP, TIFF, other BMPs) becomes PNG of its first frame
+    (`image_check.to_tf_decodable`), as in the ETL. `verify` decodes the whole image
     with PIL first, so a corrupt file is named before the batched call: `predict` does; the
     server does not (~0.4 ms per 320x240 image, a third of its batch-32 throughput), since TF
     refuses the same files and `ExportedModel.predict` then names the image one call at a time.

@@ -94,8 +94,8 @@ def check_predict_request(body: bytes, limits: ServingLimits) -> list[tuple[byte
 
 
 def to_model_inputs(checked: list[tuple[bytes, image_check.ImageHeader]]) -> list[bytes]:
-    """Checked images -> bytes the serving signature decodes: JPEG, opaque PNG and plain BMP as sent,
-    anything else decoded and re-encoded as PNG (`prepare_image_bytes`). That decode holds the whole
+    """Checked images -> bytes the serving signature decodes: JPEG, PNG, still WebP and plain BMP as
+    sent, anything else decoded and re-encoded as PNG (`prepare_image_bytes`). That decode holds the whole
     image in memory, so the server runs this in a model slot, as it runs the model's own decode.
     No full decode with PIL first: TF refuses the same corrupt files, and the model then names the
     image (`BatchDecodeError`)."""

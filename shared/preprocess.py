@@ -42,12 +42,9 @@ DESCRIPTION = describe()
 _HEAD = 64  # bytes of the header the format checks read (zero-padded, so a short input reads zeros)
 
 
-def _le(head: tf.Tensor, start: int, size: int) -> tf.Tensor:
-    """The little-endian unsigned integer in head[start:start + size], as int64."""
-    value = tf.constant(0, tf.int64)
-    for i in reversed(range(size)):
-        value = value * 256 + tf.cast(head[start + i], tf.int64)
-    return value
+def _field(header: tf.Tensor, start: int, dtype: tf.DType) -> tf.Tensor:
+    """The little-endian integer at header[start:], as int64."""
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(header, start, dtype.size), dtype)[0], tf.int64)
 
 
 def _on_white(rgba: tf.Tensor) -> tf.Tensor:
@@ -62,10 +59,11 @@ def _on_white(rgba: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.reduce_all(tf.equal(rgba[..., 3], 255)), lambda: rgba[..., :3], flatten)
 
 
-def _decode_bmp(image_bytes: tf.Tensor, bits: tf.Tensor, header_size: tf.Tensor, colours_used: tf.Tensor) -> tf.Tensor:
+def _decode_bmp(image_bytes: tf.Tensor, header: tf.Tensor, bits: tf.Tensor, header_size: tf.Tensor) -> tf.Tensor:
     """An uncompressed 8-, 24- or 32-bit BMP -> RGB. TF reads an 8-bit BMP's palette indices as grey
     levels, so they are looked up in the palette (BGRX entries after the header) here."""
     def from_palette():
+        colours_used = _field(header, 46, tf.int32)
         count = tf.where(colours_used > 0, colours_used, 256)
         entries = tf.io.decode_raw(tf.strings.substr(image_bytes, 14 + header_size, 4 * count), tf.uint8)
         palette = tf.reverse(tf.reshape(entries, [count, 4])[:, :3], axis=[1])  # BGR -> RGB
@@ -85,24 +83,22 @@ def _refuse(what: tf.Tensor) -> tf.Tensor:
 def _decode_other(image_bytes: tf.Tensor) -> tf.Tensor:
     """Anything but JPEG -> uint8 RGB, or `_refuse`."""
     header = tf.strings.substr(image_bytes, 0, _HEAD) + tf.constant(b"\0" * _HEAD)
-    head = tf.io.decode_raw(header, tf.uint8)
 
     def starts(magic: bytes, at: int = 0) -> tf.Tensor:
         return tf.equal(tf.strings.substr(header, at, len(magic)), magic)
 
-    is_png = starts(b"\x89PNG\r\n\x1a\n")
     # BMP: a Windows header (40 bytes or a later, longer version), no compression (BI_RGB).
-    bmp_bits, bmp_header_size = _le(head, 28, 2), _le(head, 14, 4)
-    is_bmp = starts(b"BM")
-    is_plain_bmp = (is_bmp & (bmp_header_size >= 40) & (_le(head, 30, 4) == 0)
+    is_bmp, bmp_header_size = starts(b"BM"), _field(header, 14, tf.int32)
+    bmp_bits, bmp_compression = _field(header, 28, tf.uint16), _field(header, 30, tf.int32)
+    is_plain_bmp = (is_bmp & (bmp_header_size >= 40) & (bmp_compression == 0)
                     & ((bmp_bits == 8) | (bmp_bits == 24) | (bmp_bits == 32)))
     # WebP: simple lossy ('VP8 ', no alpha), lossless ('VP8L', alpha bit in its header) or extended
     # ('VP8X', flags: 0x10 alpha, 0x02 animation). TF's decode_webp wants the channels the file has.
-    is_webp = starts(b"RIFF") & starts(b"WEBP", 8)
-    chunk = tf.strings.substr(header, 12, 4)
-    webp_animated = tf.equal(chunk, b"VP8X") & (tf.bitwise.bitwise_and(head[20], 0x02) > 0)
-    webp_alpha = ((tf.equal(chunk, b"VP8X") & (tf.bitwise.bitwise_and(head[20], 0x10) > 0))
-                  | (tf.equal(chunk, b"VP8L") & (tf.bitwise.bitwise_and(head[24], 0x10) > 0)))
+    is_webp, chunk = starts(b"RIFF") & starts(b"WEBP", 8), tf.strings.substr(header, 12, 4)
+    vp8x_flags, vp8l_bits = _field(header, 20, tf.uint8), _field(header, 24, tf.uint8)
+    is_vp8x, has_bit = tf.equal(chunk, b"VP8X"), lambda value, bit: tf.bitwise.bitwise_and(value, bit) > 0
+    webp_animated = is_vp8x & has_bit(vp8x_flags, 0x02)
+    webp_alpha = (is_vp8x & has_bit(vp8x_flags, 0x10)) | (tf.equal(chunk, b"VP8L") & has_bit(vp8l_bits, 0x10))
 
     def png():
         return _on_white(tf.io.decode_png(image_bytes, channels=4))  # expands palette, grey and tRNS to RGBA
@@ -112,37 +108,25 @@ def _decode_other(image_bytes: tf.Tensor) -> tf.Tensor:
                        lambda: tf.io.decode_webp(image_bytes, channels=3)[0])
 
     def refuse():
-        what = tf.case([(starts(b"GIF8"), lambda: tf.constant("GIF")),
-                        (starts(b"II*\0") | starts(b"MM\0*"), lambda: tf.constant("TIFF")),
-                        (is_webp, lambda: tf.constant("animated WebP")),
-                        (is_bmp, lambda: tf.strings.format("BMP ({} bits a pixel, compression {}, a {}-byte header)",
-                                                           (bmp_bits, _le(head, 30, 4), bmp_header_size)))],
-                       default=lambda: tf.strings.format("an image format the model does not read (it starts with "
-                                                         "the bytes {})", tf.strings.substr(header, 0, 8)))
-        return _refuse(what)
+        bmp = tf.strings.join(["BMP (", tf.strings.as_string(bmp_bits), " bits a pixel, compression ",
+                               tf.strings.as_string(bmp_compression), ")"])
+        names = tf.stack(["GIF", "TIFF", "animated WebP", bmp, "an image format the model does not know"])
+        kinds = tf.stack([starts(b"GIF8"), starts(b"II*\0") | starts(b"MM\0*"), is_webp, is_bmp, True])
+        return _refuse(tf.gather(names, tf.argmax(tf.cast(kinds, tf.int32))))  # the first that holds
 
-    return tf.case([(is_png, png),
-                    (is_plain_bmp, lambda: _decode_bmp(image_bytes, bmp_bits, bmp_header_size, _le(head, 46, 4))),
+    return tf.case([(starts(b"\x89PNG\r\n\x1a\n"), png),
+                    (is_plain_bmp, lambda: _decode_bmp(image_bytes, header, bmp_bits, bmp_header_size)),
                     (is_webp & ~webp_animated, webp)], default=refuse)
-
-
-# The branches of `decode_image`, as functions: tf.cond would inline both into the caller's graph,
-# and the ~300 ops of the other formats' branch, idle for a JPEG, cost it 22 us (2.7% of a 320x240
-# decode and resize); an If op over functions runs only the one taken.
-_DECODE_JPEG = tf.function(lambda image_bytes: tf.io.decode_jpeg(image_bytes, channels=3),
-                           input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
-_DECODE_OTHER = tf.function(_decode_other, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
 
 
 def decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded image bytes -> uint8 [height, width, 3] as the ETL stores it, or InvalidArgumentError
     naming a format the graph does not decode (see the module docstring)."""
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 3), b"\xff\xd8\xff")
-    if tf.executing_eagerly():  # nothing is inlined there (and an eager If op over these hung on a BMP)
-        return _DECODE_JPEG(image_bytes) if is_jpeg else _DECODE_OTHER(image_bytes)
-    image = tf.raw_ops.If(cond=is_jpeg, input=[image_bytes], Tout=[tf.uint8],
-                          then_branch=_DECODE_JPEG.get_concrete_function(),
-                          else_branch=_DECODE_OTHER.get_concrete_function(), output_shapes=[[None, None, 3]])[0]
+    # tf.cond inlines both branches: a JPEG passes the other one's ~300 ops idle, +22 us (2.5% of a
+    # 320x240 decode and resize). A raw If op over two functions skips them, but it is stateful (the
+    # refusal's Assert), and tf.map_fn then ran its iterations one at a time.
+    image = tf.cond(is_jpeg, lambda: tf.io.decode_jpeg(image_bytes, channels=3), lambda: _decode_other(image_bytes))
     image.set_shape([None, None, 3])
     return image
 

@@ -63,14 +63,13 @@ def make_embedding_fn(handle: str, input_size: int):
     """A function: list of encoded images -> float32 [n, dim], preprocessing with the shared function."""
     import tensorflow as tf
 
-    from etl.records import make_parallel_preprocess
+    from shared import preprocess
 
     module = load_module(handle)
-    preprocess_fn = make_parallel_preprocess(input_size)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def batch_fn(image_bytes):
-        return module(preprocess_fn(image_bytes))
+        return module(preprocess.preprocess_batch(image_bytes, input_size))
 
     return lambda images: batch_fn(tf.constant(images)).numpy()
 

@@ -61,6 +61,20 @@ def test_a_jpeg_decodes_as_before_the_graph_read_other_formats(mode, options):
                                   tf.io.decode_image(data, channels=3, expand_animations=False).numpy())
 
 
+def test_a_batch_is_each_image_preprocessed_alone_in_order():
+    rng = np.random.default_rng(4)
+    images = [encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), image_format)
+              for (h, w), image_format in [((30, 40), "JPEG"), ((5, 7), "PNG"), ((64, 48), "WEBP"), ((20, 20), "BMP")]]
+    batch_fn = tf.function(lambda b: preprocess.preprocess_batch(b, 16, 12),
+                           input_signature=[tf.TensorSpec([None], tf.string)])
+    batch = batch_fn(tf.constant(images)).numpy()
+    assert batch.shape == (4, 16, 12, 3)
+    for got, data in zip(batch, images):
+        np.testing.assert_array_equal(got, preprocess.preprocess_image(tf.constant(data), 16, 12).numpy())
+    np.testing.assert_array_equal(batch_fn(tf.constant(images[2:3])).numpy(), batch[2:3])  # one image skips tf.data
+    assert batch_fn(tf.constant([], tf.string)).shape == (0, 16, 12, 3)
+
+
 def test_resize_image_refuses_an_already_scaled_image():
     # A float image in [0, 1] would be divided by 255 a second time and come out almost black.
     with pytest.raises(TypeError, match="uint8.*float32"):

@@ -1,7 +1,7 @@
 """The SavedModel for serving: image bytes or file names in; probability, class index and name out.
 
 Decoding and preprocessing run inside the graph with the shared function the ETL used
-(`shared.preprocess.preprocess_batch`, a `tf.map_fn`), so clients send encoded images and
+(`shared.preprocess.preprocess_batch`), so clients send encoded images and
 never learn the model's input size. A model trained on the embeddings form gets the
 embedding module in front of it, so its clients send images too.
 

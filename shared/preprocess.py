@@ -48,13 +48,14 @@ def _field(header: tf.Tensor, start: int, dtype: tf.DType) -> tf.Tensor:
 
 
 def _on_white(rgba: tf.Tensor) -> tf.Tensor:
-    """uint8 RGBA -> RGB flattened onto white: (rgb * a + 255 * (255 - a)) / 255 rounded, as PIL's
-    paste with a mask rounds it (shared.image_check). float32 holds these integers exactly, and a
-    quotient is never within 0.002 of a tie; it ran 2x faster than int32 (1.2 vs 2.5 ms at 320x240).
-    An opaque image (most PNGs) skips it."""
+    """uint8 RGBA -> RGB flattened onto white: (rgb * a + 255 * (255 - a)) / 255, rounded with
+    shifts as PIL's paste with a mask rounds it (shared.image_check). The sum fits uint16, which
+    needs 12 bytes a pixel of scratch where float32 took 20 (a 40 MP image); an opaque image (most
+    PNGs) skips it."""
     def flatten():
-        rgb, alpha = tf.cast(rgba[..., :3], tf.float32), tf.cast(rgba[..., 3:], tf.float32)
-        return tf.cast(tf.math.rint((rgb * alpha + 255.0 * (255.0 - alpha)) / 255.0), tf.uint8)
+        rgb, alpha = tf.cast(rgba[..., :3], tf.uint16), tf.cast(rgba[..., 3:], tf.uint16)
+        blend = rgb * alpha + 255 * (255 - alpha) + 128
+        return tf.cast(tf.bitwise.right_shift(blend + tf.bitwise.right_shift(blend, 8), 8), tf.uint8)
 
     return tf.cond(tf.reduce_all(tf.equal(rgba[..., 3], 255)), lambda: rgba[..., :3], flatten)
 

@@ -1,15 +1,8 @@
 """`python -m trainer.train --data DIR --job_dir RUN`: train, keep the best weights, export, report.
 
-The run folder holds everything, so rerunning the same command resumes a crashed run, goes
-straight to evaluation and export when only those failed, and returns the metrics of a finished
-one (other flags are refused in each case):
-  config.json        the flags and what was derived from them and the data
-  epochs.jsonl       one line per finished epoch (survives restarts); history.json at the end
-  checkpoints/       the best weights by val_accuracy       backup/   BackupAndRestore's state
-  logs/              TensorBoard                           training_curves.png
-  trained.json       training finished (evaluation and export may not have)
-  metrics.json       validation and test accuracy of the exported weights
-  export/            the SavedModel (see trainer.export)
+The run folder (its files: trainer.run_folder) holds everything, so rerunning the same command
+resumes a crashed run, goes straight to evaluation and export when only those failed, and returns
+the metrics of a finished one (other flags are refused in each case).
 """
 from __future__ import annotations
 

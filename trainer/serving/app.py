@@ -15,10 +15,8 @@ PIL's of formats TF cannot read) run in one of MODEL_CALLS_IN_FLIGHT model calls
 per-request pixel limit, so memory is bounded by the limits, not by the client count
 (`resources.memory_bound`).
 
-Starlette rather than FastAPI (built on it): this app validates requests itself and has no OpenAPI
-docs, so FastAPI's extra layers (dependency solving, telemetry and body-limit middleware) only cost
-time: 0.18 ms of a single-image request's 1.80 ms and 0.32 ms of a 32-image one's 10.96 ms, five
-interleaved runs each on 2 cores with the digits export.
+Starlette rather than FastAPI: this app validates requests itself and serves no OpenAPI docs, so
+FastAPI's layers would only cost time (docs/serving.md).
 
 Every prediction carries a W3C `Server-Timing` header (milliseconds; browsers' dev tools and
 `trainer.serving.bench` read it), so a client can see where a slow request went:

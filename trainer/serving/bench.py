@@ -63,9 +63,8 @@ def read_images(folder: str, count: int) -> list[bytes]:
     return [images[i % len(images)] for i in range(count)]
 
 
-# Per caller and row: a MobileNetV2 export answers 32 images in ~0.28 s, ~0.55 s with two callers, so a
-# 2 s window held 4-8 calls, too few for a rate (its server once showed less batching gain than the
-# model, 1.24x against 1.31x, where every other run showed more).
+# Per caller and row: a slow export (MobileNetV2: ~0.3 s for 32 images) fits only 4-8 calls in a 2 s
+# window, too few for a stable rate, so a row runs until it has this many.
 MIN_CALLS = 10
 
 

@@ -126,14 +126,10 @@ def disable_thread_spinning() -> None:
     work, instead of spinning on the cores first. Call before TensorFlow's runtime starts (before
     the first op or model load): RuntimeError otherwise, since the pools exist by then.
 
-    Why: a server's model calls come with gaps (receiving and parsing the next request), and on a
-    2-core machine the spinning pools hold the cores the event loop and the parser need then
-    (perf: 5% of the server's samples were the pools' GlobalSteal/PopBack). `make bench-serve` on
-    the digits export, 2 clients of 32-image requests: 2853-3236 images/s and 16.9-19.3 ms of server
-    CPU a request without spinning (three runs), 2572-2808 images/s and 19.7-21.4 ms with it (two);
-    the model in-process gains too (3829-4299 vs 3560-3797 images/s). TF2 has no public switch:
-    the option is ConfigProto's experimental.disable_thread_spinning, which the eager context reads
-    from its private `_config` when it starts; tests/test_serve.py checks that it still arrives.
+    Why: between a server's model calls, spinning pools hold the cores the event loop and the
+    parser need (docs/serving.md has the measurements). TF2 has no public switch, so this is the one
+    place that sets ConfigProto's experimental.disable_thread_spinning on the eager context's private
+    `_config`; tests/test_serve.py checks that it still arrives.
     """
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context

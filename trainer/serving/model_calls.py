@@ -56,9 +56,8 @@ def predict_requests(model: ExportedModel, requests: Sequence[CheckedRequest]) -
 def warm_up(model: ExportedModel) -> None:
     """One prediction on a small generated JPEG when the server starts, through the threadpool as a
     request goes: TensorFlow's first call of a loaded signature optimizes its graph and sets up its
-    kernels, and anyio starts its worker thread. Without it the first client's single-image request
-    took 80 ms in the handler, 28 ms with the model warmed outside the threadpool, 2.8 ms so (the next
-    ones ~2.3 ms; digits export, 2 cores). TF Serving does the same with its warm-up records."""
+    kernels, and anyio starts its worker thread; without it the first client pays for both (80 ms
+    instead of ~3 ms on the digits export). TF Serving does the same with its warm-up records."""
     from PIL import Image
 
     jpeg = io.BytesIO()

@@ -17,8 +17,7 @@ import re
 import sys
 from typing import Any
 
-# Both C extensions, chosen by measurement on a 32-image request (948 KB of JSON, 320x240 JPEGs):
-# stdlib base64 took 2.5 ms and json 0.61 ms; pybase64 (SIMD) 0.07 ms and orjson 0.30 ms.
+# C extensions: on a 32-image request they parse ~10x faster than the stdlib's base64 and json.
 import orjson
 import pybase64
 

@@ -85,7 +85,7 @@ def shard_boundaries(total_bytes: int, target_bytes: int, min_shards: int, num_r
     Equal shards when some count puts them all within the tolerance; otherwise full shards
     of the target plus one remainder (only when total/target is in (1.2, 1.6)); at least
     `min_shards` equal shards (smaller than the target when the floor decides), never more
-    shards than records.
+    shards than records, so that no shard is empty.
     """
     if num_records == 0:
         return []
@@ -96,7 +96,7 @@ def shard_boundaries(total_bytes: int, target_bytes: int, min_shards: int, num_r
     else:
         fitting = [n for n in range(math.ceil(ratio / high), math.floor(ratio / low) + 1) if n >= 1]
         count = min(fitting, key=lambda n: abs(math.log(ratio / n))) if fitting else None
-    if count is None and min_shards <= math.ceil(ratio):
+    if count is None and min_shards <= math.ceil(ratio) and math.floor(ratio) < num_records:
         full = math.floor(ratio)
         return [float(target_bytes * (k + 1)) for k in range(full)] + [float(total_bytes)]
     count = min(max(count or 1, min_shards), num_records)

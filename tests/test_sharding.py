@@ -57,3 +57,21 @@ def test_plan_does_not_depend_on_bundling():
     b = sharding.plan_split("train", parts, 40_000, 1)
     assert [len(r.pieces) for r in a] == [len(r.pieces) for r in b]
     assert [[length for *_, length in r.pieces] for r in a] == [[length for *_, length in r.pieces] for r in b]
+
+
+def test_no_shard_is_empty():
+    # One 1,300-byte record with a 1,000-byte target: "one full shard plus a remainder" gave 1 and 0.
+    one = sharding.TempFile("train", "/tmp/one", np.array([7], np.uint64), np.array([0]), np.array([1300]))
+    recipes = sharding.plan_split("train", [one], target_bytes=1000, min_shards=1)
+    assert [len(r.pieces) for r in recipes] == [1]
+    assert recipes[0].count == 1
+    rng = np.random.default_rng(2)
+    for _ in range(300):  # few records against the target and the floor: counts from 1 to 6
+        n = int(rng.integers(1, 7))
+        lengths = rng.integers(100, 3000, size=n).astype(np.int64)
+        file = sharding.TempFile("train", "/tmp/f", rng.integers(0, 2 ** 63, size=n).astype(np.uint64),
+                                 np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        for min_shards in (1, 2, 5):
+            sizes = [len(r.pieces) for r in sharding.plan_split("train", [file], 1000, min_shards)]
+            assert sum(sizes) == n and min(sizes) >= 1, (lengths, min_shards, sizes)
+

@@ -93,7 +93,8 @@ def build_pipeline(p: beam.Pipeline, config: EtlConfig, temp_dir: str, features,
      | "CollectTemporaryFiles" >> beam.combiners.ToList()
      | "PlanShardsBySize" >> beam.FlatMap(sharding.plan_shards, config.shard_bytes, config.min_shards)
      | "SpreadShardsOverWorkers" >> beam.Reshuffle()
-     | "CopyRecordsIntoShards" >> beam.ParDo(sharding.CopyShard(layout.join(temp_dir, "shards")))
+     | "CopyRecordsIntoShards" >> beam.ParDo(sharding.CopyShard(layout.join(temp_dir, "shards"),
+                                                                publish.run_id_of(temp_dir)))
      | "ShardStatsAsJson" >> beam.Map(json.dumps)
      | "WriteShardStats" >> beam.io.WriteToText(layout.join(temp_dir, "shards"), ".jsonl"))
     (rejects
@@ -176,13 +177,12 @@ def run(argv: Sequence[str] | None = None, checked: preflight.CheckedRun | None 
         except publish.TooManyRejectsError as e:
             if replaced or not staged["rejects"]:  # a previous dataset's own rejects.jsonl stays
                 raise
-            publish.write_rejects(config.output, staged["rejects"])  # so the user can see why
+            publish.write_rejects(config.output, staged["rejects"], temp_dir)  # so the user can see why
             raise publish.TooManyRejectsError(
                 f"{e}. Every reject, with its reason: {layout.join(config.output, layout.REJECTS_FILE)}") from None
         names = class_names or staged["class_names"] or []
         meta = make_metadata(config, features, module, names, staged, rejected, argv, runner)
-        publish.publish(config.output, temp_dir, [s["file"] for s in staged["shards"]], meta.to_json(),
-                        staged["rejects"], replaced)
+        publish.publish(config.output, temp_dir, staged["shards"], meta.to_json(), staged["rejects"])
     except BaseException:
         publish.discard(temp_dir)
         raise

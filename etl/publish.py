@@ -1,9 +1,13 @@
-"""The output folder's life cycle: refuse a non-empty one, stage, and publish with the sidecar last.
+"""The output folder's life cycle: refuse a non-empty one, stage, publish with the sidecar as the commit.
 
-While a run works, everything it writes lives in `<output>/.incomplete-<run id>/`. Only when
-the pipeline has finished and the reject fraction is acceptable are the shards moved into
-`<output>/`, then `rejects.jsonl`, then `metadata.json`. A killed run leaves only the
-`.incomplete-*` folder, which the next run removes; no reader takes it for a dataset.
+While a run works, everything it writes lives in `<output>/.incomplete-<run id>/`. Publishing
+moves the new shards into `<output>/` under names that carry the run id (their generation), so
+they never collide with the live dataset's; then `metadata.json` replaces the old sidecar in one
+atomic step (a rename locally, one object write on GCS): the commit. Only then are the old
+shards removed. So at every instant the folder holds one complete dataset, the old one until
+the commit and the new one after it, each shard its sidecar lists in place with its size and
+sha256. Files that no sidecar lists (a killed run's) are removed by the next run; a file the
+live sidecar lists never is.
 """
 from __future__ import annotations
 
@@ -11,17 +15,22 @@ import collections
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
-from typing import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from etl import stop_points
 from shared import layout
 from shared.paths import is_remote
 
 TEMP_PREFIX = ".incomplete-"
+_STAGING = re.compile(r"^\.incomplete-(?P<run_id>[0-9a-f]{12})(?P<suffix>\..*)?$")  # a suffix: being made or removed
+OWNER_FILE = "owner.json"  # in each staging folder: the run writing it, so that another run can tell
+# a killed run's left-overs (removed) from a live run's staging (refused, never deleted under it)
+STALE_SECONDS = 24 * 3600  # a staging folder of another machine's run older than this is a left-over
 
 
 class OutputNotEmptyError(RuntimeError):
@@ -58,15 +67,81 @@ def _is_ours(name: str) -> bool:
             or layout.parse_shard_file_name(name) is not None)
 
 
+def run_id_of(temp_dir: str) -> str:
+    """The run id in a staging folder's name: the generation of the shards that run writes."""
+    return _STAGING.match(temp_dir.rstrip("/").rsplit("/", 1)[-1])["run_id"]
+
+
+def _sync_folder(folder: str) -> None:
+    """Makes renames and new names in a local folder durable (no-op on object stores)."""
+    if not is_remote(folder):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def listed_shards(output: str) -> set[str] | None:
+    """The shard files the live sidecar lists: an empty set without a sidecar, None when it is
+    there but unreadable (then nothing can be shown to be unlisted)."""
+    path = layout.join(output, layout.METADATA_FILE)
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            body = json.loads(f.read())
+    except FileNotFoundError:
+        return set()
+    except Exception:
+        if not FileSystems.exists(path):
+            return set()
+        return None
+    try:
+        return {shard["file"] for split in body["splits"].values() for shard in split["shards"]}
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def _live_staging(output: str, entries: list[str], ours: str | None = None) -> list[str]:
+    return [e for e in entries if (m := _STAGING.match(e)) and not m["suffix"] and e != ours
+            and _owner_is_running(layout.join(output, e))]
+
+
+def _refuse_if_another_run_writes(output: str, entries: list[str], ours: str | None = None) -> None:
+    running = _live_staging(output, entries, ours)
+    if running:
+        raise OutputNotEmptyError(
+            f"another ETL run is writing to {output} (staging folder {running[0]}, "
+            f"{_owner_text(layout.join(output, running[0]))}); wait for it to finish or stop it. "
+            "--overwrite replaces a finished dataset, never one that is being written")
+
+
+def _leftovers(output: str, entries: list[str]) -> list[str]:
+    """Entries no live run and no live sidecar needs: staging folders of runs that are gone, and
+    shard files the sidecar does not list (without a sidecar: those of a gone run's generation)."""
+    staging = [e for e in entries if e.startswith(TEMP_PREFIX)]
+    gone_generations = {m["run_id"] for e in staging if (m := _STAGING.match(e))}
+    listed = listed_shards(output)
+    has_sidecar = layout.METADATA_FILE in entries
+    unlisted = []
+    for e in entries:
+        shard = layout.parse_shard_file_name(e)
+        if shard is None or listed is None:
+            continue
+        if (has_sidecar and e not in listed) or (not has_sidecar and shard.generation in gone_generations):
+            unlisted.append(e)
+    return staging + unlisted
+
+
 def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
     """Checks the output folder; returns a fresh staging folder inside it and the entries of a
     previous ETL output that `publish` replaces.
 
-    Left-overs of killed runs (`.incomplete-*`) and a failed run's lone `rejects.jsonl` are
-    removed. Anything else needs --overwrite, which replaces only files the ETL writes: a
-    folder holding other files is refused even then, so a wrong --output deletes nothing. The
-    previous output stays complete until the new one is ready to publish: a run that fails
-    (a mistyped --input, too many rejects) leaves it as it was.
+    Left-overs of killed runs (`.incomplete-*`, shard files no sidecar lists) and a failed run's
+    lone `rejects.jsonl` are removed. Anything else needs --overwrite, which replaces only files
+    the ETL writes: a folder holding other files is refused even then, so a wrong --output
+    deletes nothing. A folder another live run writes to is refused, --overwrite or not. The
+    previous output stays complete until the new sidecar replaces it: a run that fails (a
+    mistyped --input, too many rejects) leaves it as it was.
     """
     if output.rstrip("/") == "":
         raise OutputNotEmptyError(f"--output {output!r} is the file system's root; give a folder for the dataset")
@@ -79,18 +154,11 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
     if not is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
         raise OutputNotEmptyError(f"--output {output} is a file; give a folder (it is created if missing)")
     entries = _list_entries(output)
-    leftovers = [e for e in entries if e.startswith(TEMP_PREFIX)]
-    running = [e for e in leftovers if _owner_is_running(layout.join(output, e))]
-    if running and not overwrite:
-        raise OutputNotEmptyError(
-            f"another ETL run is writing to {output} (staging folder {running[0]}, "
-            f"{_owner_text(layout.join(output, running[0]))}); wait for it, or pass --overwrite to replace it")
-    if entries == [layout.REJECTS_FILE] or (set(entries) - set(leftovers)) == {layout.REJECTS_FILE}:
-        leftovers.append(layout.REJECTS_FILE)
-    if leftovers:
-        logging.info("Removing left-overs of an interrupted or failed run in %s: %s", output, leftovers)
-        _delete([layout.join(output, e) for e in leftovers])
+    _refuse_if_another_run_writes(output, entries)
+    leftovers = _leftovers(output, entries)
     rest = [e for e in entries if e not in leftovers]
+    if rest == [layout.REJECTS_FILE]:  # a failed run's list of rejects, shown to the user
+        leftovers, rest = leftovers + rest, []
     if rest:
         foreign = [e for e in rest if not _is_ours(e)]
         if not overwrite:
@@ -101,15 +169,32 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
             raise OutputNotEmptyError(
                 f"--output {output} holds files the ETL did not write ({foreign[:5]}); --overwrite only "
                 "replaces ETL outputs, so remove them or choose another folder")
-    temp_dir = layout.join(output, TEMP_PREFIX + uuid.uuid4().hex[:12])
-    FileSystems.mkdirs(temp_dir)
-    write_text(layout.join(temp_dir, OWNER_FILE), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    temp_dir = _create_staging(output)
+    stop_points.reached("create-staging")
+    try:  # announced, then checked again: of two runs that start together, at most one goes on
+        _refuse_if_another_run_writes(output, _list_entries(output), ours=temp_dir.rsplit("/", 1)[-1])
+    except OutputNotEmptyError:
+        discard(temp_dir)
+        raise
+    if leftovers:
+        logging.info("Removing left-overs of an interrupted or failed run in %s: %s", output, leftovers)
+        _delete([layout.join(output, e) for e in leftovers])
     return temp_dir, rest
 
 
-OWNER_FILE = "owner.json"  # in each staging folder: the run writing it, so that another run can tell
-# a killed run's left-overs (removed) from a live run's staging (refused, not deleted under it)
-STALE_SECONDS = 24 * 3600  # a staging folder of another machine's run older than this is a left-over
+def _create_staging(output: str) -> str:
+    """A new staging folder that appears with its owner file in it, so that no other run ever
+    sees it without one (and takes it for a left-over)."""
+    temp_dir = layout.join(output, TEMP_PREFIX + uuid.uuid4().hex[:12])
+    owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    if is_remote(output):
+        write_text(layout.join(temp_dir, OWNER_FILE), owner)  # the prefix exists from its first object on
+        return temp_dir
+    making = temp_dir + ".new"  # a left-over, never a live run, if this run dies before the rename
+    os.makedirs(making)
+    write_text(layout.join(making, OWNER_FILE), owner)
+    os.rename(making, temp_dir)
+    return temp_dir
 
 
 def _owner_text(staging: str) -> str:
@@ -124,7 +209,7 @@ def _owner_text(staging: str) -> str:
 def _owner_is_running(staging: str) -> bool:
     """Whether the run that made `staging` may still be writing: its process is alive on this
     machine, or it ran on another machine and its owner file is under STALE_SECONDS old. A folder
-    without an owner file (a run killed before writing it) is a left-over."""
+    without an owner file is a left-over (`_create_staging` never shows one without it)."""
     path = layout.join(staging, OWNER_FILE)
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f:
@@ -194,29 +279,84 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
-def write_rejects(output: str, rejects: list[dict]) -> None:
+def _replace_file(output: str, name: str, text: str, temp_dir: str) -> None:
+    """`<output>/<name>` becomes `text` in one step: readers see the old file or the new, never a
+    part (a local file is written in the staging folder, fsync'ed and renamed over the old one;
+    a GCS object appears whole when its upload finishes)."""
+    target = layout.join(output, name)
+    if is_remote(output):
+        write_text(target, text)
+        return
+    staged = layout.join(temp_dir, name)
+    with open(staged, "wb") as f:
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    stop_points.reached(f"stage-{name}")
+    os.replace(staged, target)
+    _sync_folder(output)
+
+
+def write_rejects(output: str, rejects: list[dict], temp_dir: str) -> None:
     lines = sorted(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in rejects)
-    write_text(layout.join(output, layout.REJECTS_FILE), "".join(line + "\n" for line in lines))
+    _replace_file(output, layout.REJECTS_FILE, "".join(line + "\n" for line in lines), temp_dir)
 
 
-def publish(output: str, temp_dir: str, shard_names: list[str], metadata_json: str, rejects: list[dict],
-            replaced: Sequence[str] = ()) -> None:
-    """Removes the previous output's `replaced` entries (its sidecar first, so that no reader takes
-    the folder for a complete dataset from then on), moves the staged shards into place, then
-    writes rejects.jsonl, then metadata.json, then cleans up."""
-    if layout.METADATA_FILE in replaced:
-        _delete([layout.join(output, layout.METADATA_FILE)])
-    _delete([layout.join(output, e) for e in replaced if e != layout.METADATA_FILE])
-    staged = layout.join(temp_dir, "shards")
-    if shard_names:
-        FileSystems.rename([layout.join(staged, n) for n in shard_names], [layout.join(output, n) for n in shard_names])
-    write_rejects(output, rejects)
-    write_text(layout.join(output, layout.METADATA_FILE), metadata_json)
+def publish(output: str, temp_dir: str, shards: list[dict], metadata_json: str, rejects: list[dict]) -> None:
+    """Moves the staged shards (`staged` -> `file` of each) into `output` beside the live dataset,
+    commits the new sidecar, writes rejects.jsonl, then removes what the new sidecar does not list
+    (the replaced dataset's shards) and the staging folder."""
+    output = output.rstrip("/")
+    for shard in shards:
+        FileSystems.rename([shard["staged"]], [layout.join(output, shard["file"])])
+        stop_points.reached("move-shard")
+    _sync_folder(output)
+    _replace_file(output, layout.METADATA_FILE, metadata_json, temp_dir)
+    stop_points.reached("commit-sidecar")
+    write_rejects(output, rejects, temp_dir)
+    stop_points.reached("write-rejects")
+    try:
+        remove_unlisted_shards(output)
+    except Exception as e:  # the new dataset is complete; the next run removes what is left
+        logging.warning("could not remove the replaced shards in %s: %s", output, e)
     discard(temp_dir)
 
 
+def remove_unlisted_shards(output: str, generation: str | None = None) -> list[str]:
+    """Deletes the shard files in `output` that the live sidecar (read from the folder now) does not
+    list, only those of `generation` when given, one at a time; returns their names."""
+    listed = listed_shards(output)
+    if listed is None:
+        return []
+    removed = []
+    for name in _list_entries(output):
+        shard = layout.parse_shard_file_name(name)
+        if shard is None or name in listed or (generation is not None and shard.generation != generation):
+            continue
+        _delete([layout.join(output, name)])
+        removed.append(name)
+        stop_points.reached("delete-unlisted")
+    return removed
+
+
 def discard(temp_dir: str) -> None:
+    """Removes a run's staging folder, and the shards it moved into the output that no sidecar lists
+    (a failure between moving them and the commit)."""
+    stop_points.reached("discard-staging")
+    output = temp_dir.rstrip("/").rsplit("/", 1)[0]
     try:
-        _delete([temp_dir])
+        remove_unlisted_shards(output, run_id_of(temp_dir))
+        if is_remote(temp_dir):  # its owner file last: until then it is this run's, not a left-over
+            owner = layout.join(temp_dir, OWNER_FILE)
+            others = [m.path for m in FileSystems.match([temp_dir.rstrip("/") + "/**"])[0].metadata_list
+                      if m.path != owner]
+            if others:
+                FileSystems.delete(others)
+            if FileSystems.exists(owner):
+                FileSystems.delete([owner])
+        elif os.path.isdir(temp_dir):
+            removing = temp_dir.rstrip("/") + ".removing"  # a left-over from here on, whatever is left of it
+            os.rename(temp_dir, removing)
+            _delete([removing])
     except Exception as e:  # a left-over staging folder is harmless: the next run removes it
         logging.warning("could not remove %s: %s", temp_dir, e)

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import typing
 import uuid
@@ -21,7 +20,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from etl.tfrecord_io import frame_record
+from etl import stop_points
+from etl.tfrecord_io import ShardFileWriter, create_binary, frame_record
 from shared import layout
 
 # Every shard but at most one per split lands within this fraction of the target size.
@@ -41,11 +41,6 @@ class ShardRecipe(typing.NamedTuple):
     index: int
     count: int
     pieces: list  # (temp path, offset, length), in the order the records are written
-
-
-def create_binary(path: str):
-    return FileSystems.create(path, mime_type="application/octet-stream",
-                              compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 class WriteTempRecords(beam.DoFn):
@@ -148,10 +143,12 @@ def plan_shards(temp_files: list[TempFile], target_bytes: int, min_shards: int) 
 
 
 class CopyShard(beam.DoFn):
-    """ShardRecipe -> the shard file in the output folder -> its stats (for the sidecar)."""
+    """ShardRecipe -> its shard file (named with the run's generation) in `shard_dir` -> its stats
+    for the sidecar, with `staged`, where `publish` moves it from."""
 
-    def __init__(self, output_dir: str):
-        self._output_dir = output_dir
+    def __init__(self, shard_dir: str, generation: str):
+        self._shard_dir = shard_dir
+        self._generation = generation
 
     def process(self, recipe: ShardRecipe):
         records: list = [None] * len(recipe.pieces)
@@ -167,13 +164,11 @@ class CopyShard(beam.DoFn):
                     if len(records[position]) != length:
                         raise IOError(f"{path}: expected {length} bytes at offset {offset}, "
                                       f"got {len(records[position])} (temporary file truncated)")
-        name = layout.shard_file_name(recipe.split, recipe.index, recipe.count)
-        digest = hashlib.sha256()
-        size = 0
-        with create_binary(layout.join(self._output_dir, name)) as out:
-            for record in records:
-                out.write(record)
-                digest.update(record)
-                size += len(record)
+        name = layout.shard_file_name(recipe.split, recipe.index, recipe.count, self._generation)
+        writer = ShardFileWriter(layout.join(self._shard_dir, name))
+        for record in records:
+            writer.write([record])
+        size, sha256, _ = writer.close()
+        stop_points.reached("write-shard")
         yield {"split": recipe.split, "index": recipe.index, "file": name, "num_examples": len(records),
-               "num_bytes": size, "sha256": digest.hexdigest()}
+               "num_bytes": size, "sha256": sha256, "staged": writer.path}

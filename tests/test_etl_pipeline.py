@@ -144,7 +144,9 @@ def test_shards_are_sized_by_bytes(tmp_path):
     assert len(shards) >= 4
     outside = [s for s in shards if not 0.8 * target <= s.num_bytes <= 1.2 * target]
     assert len(outside) <= 1, [s.num_bytes for s in shards]
-    assert [s.file for s in shards] == [layout.shard_file_name("train", i, len(shards)) for i in range(len(shards))]
+    generation = layout.parse_shard_file_name(shards[0].file).generation  # the run's id: see test_etl_overwrite
+    assert generation and [s.file for s in shards] == [layout.shard_file_name("train", i, len(shards), generation)
+                                                       for i in range(len(shards))]
     assert meta.splits["valid"].num_examples == 0 and meta.splits["valid"].shards == ()
     # The sort key mixes classes: no shard holds a single class.
     records = read_records(str(tmp_path / "out"), meta, "train")

@@ -1,0 +1,184 @@
+"""Kill -9 an `--overwrite` ETL run at each of its stop points; after each kill, check the folder.
+
+    python -m tests.overwrite_kill_points [--work DIR]     # prints the table of kill points
+
+The invariant, checked after every kill without project code: `metadata.json` parses and every
+shard it lists exists with the size and sha256 it records; the sidecar is the old dataset's
+before the commit and the new one's after it. Then a rerun (`--overwrite`) must succeed and leave
+exactly its sidecar, rejects.jsonl and the shards it lists. Last, a run paused inside publishing
+must not lose its staging folder to a second `--overwrite` run, which is refused.
+
+This process imports the ETL once and forks a child per run (a tiny pipeline, not a TensorFlow
+import, per kill point); it runs no pipeline itself, so each child starts single-threaded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+from etl import pipeline, publish  # noqa: F401  (imported once, before forking)
+from shared import layout
+from tests import image_factory
+
+FLAGS = ["--form", "pixels", "--image_size", "8", "--split", "100,0,0", "--min_shards", "2", "--overwrite"]
+
+
+def make_input(folder: str) -> str:
+    image_factory.write_class_folders(folder, classes=("a", "b"), per_class=5)
+    with open(os.path.join(folder, "a", "not-an-image.jpg"), "w") as f:
+        f.write("text")  # one reject, so that rejects.jsonl has a line
+    return folder
+
+
+def run_child(argv: list[str], env: dict[str, str], log: str) -> tuple[str, str]:
+    """Runs `pipeline.run(argv)` in a forked child: ("ok" | "killed" | "failed", error text)."""
+    error_file = log + ".error"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.environ.update(env)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            pipeline.run(argv)
+            code = 0
+        except BaseException as e:
+            with open(error_file, "w") as f:
+                f.write(f"{type(e).__name__}: {e}")
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return "killed", ""
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return "ok", ""
+    text = open(error_file).read() if os.path.exists(error_file) else f"status {status}"
+    if os.path.exists(error_file):
+        os.remove(error_file)
+    return "failed", text
+
+
+def check_folder(out: str) -> tuple[set[str], list[str]]:
+    """(files the sidecar lists, problems): the sidecar parses; each listed shard has its size and sha256."""
+    try:
+        with open(os.path.join(out, layout.METADATA_FILE), "rb") as f:
+            body = json.loads(f.read())
+        shards = [s for split in body["splits"].values() for s in split["shards"]]
+    except Exception as e:
+        return set(), [f"{layout.METADATA_FILE}: {type(e).__name__}: {e}"]
+    problems = []
+    for s in shards:
+        path = os.path.join(out, s["file"])
+        if not os.path.isfile(path):
+            problems.append(f"{s['file']} missing")
+            continue
+        data = open(path, "rb").read()
+        if len(data) != s["num_bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+            problems.append(f"{s['file']} has {len(data)} bytes / another sha256 than listed")
+    return {s["file"] for s in shards}, problems
+
+
+def other_entries(out: str, listed: set[str]) -> list[str]:
+    return sorted(set(os.listdir(out)) - listed - {layout.METADATA_FILE, layout.REJECTS_FILE})
+
+
+def describe(entries: list[str]) -> str:
+    staging = sum(e.startswith(publish.TEMP_PREFIX) for e in entries)
+    shards = sum(layout.parse_shard_file_name(e) is not None for e in entries)
+    parts = ([f"{staging} staging folder"] if staging else []) + ([f"{shards} unlisted shards"] if shards else [])
+    rest = len(entries) - staging - shards
+    return ", ".join(parts + ([f"{rest} other"] if rest else [])) or "nothing else"
+
+
+def kill_points(work: str) -> dict:
+    """Runs the whole experiment in `work`; returns {"points": [...rows], "guard": {...}}."""
+    source = make_input(os.path.join(work, "in"))
+    out = os.path.join(work, "out")
+    argv = ["--input", source, "--output", out, *FLAGS]
+    log = os.path.join(work, "child.log")
+    trace = os.path.join(work, "trace.txt")
+    assert run_child(argv, {}, log)[0] == "ok", open(log).read()[-3000:]
+    status, error = run_child(argv, {"ETL_STOP_TRACE": trace}, log)  # an --overwrite run, listing its points
+    assert status == "ok", error
+    points = open(trace).read().split()
+    rows = []
+    for point in points:
+        before, _ = check_folder(out)
+        status, error = run_child(argv, {"ETL_STOP_AT": point}, log)
+        listed, problems = check_folder(out)
+        row = {"point": point, "status": status, "error": error, "problems": problems,
+               "sidecar": "old" if listed == before else "new" if listed else "none",
+               "left": describe(other_entries(out, listed))}
+        status, error = run_child(argv, {}, log)
+        listed, problems = check_folder(out)
+        left = other_entries(out, listed)
+        row["rerun"] = "ok, clean" if status == "ok" and not problems and not left else \
+            f"{status} {error} {problems} left {left}"
+        rows.append(row)
+    return {"points": rows, "guard": live_run_guard(argv, work, log)}
+
+
+def live_run_guard(argv: list[str], work: str, log: str) -> dict:
+    """Run A pauses after moving its first shard into the output; run B (--overwrite) meanwhile."""
+    out = argv[argv.index("--output") + 1]
+    pause = os.path.join(work, "paused")
+    pid = os.fork()
+    if pid == 0:
+        os.environ.update({"ETL_STOP_AT": "move-shard#1", "ETL_STOP_PAUSE": pause})
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            pipeline.run(argv)
+        finally:
+            os._exit(0)
+    deadline = time.time() + 120
+    while not os.path.exists(pause) and time.time() < deadline:
+        time.sleep(0.02)
+    staging = [e for e in os.listdir(out) if e.startswith(publish.TEMP_PREFIX)]
+    staged_files = sorted(os.path.relpath(os.path.join(d, f), out) for e in staging
+                          for d, _, files in os.walk(os.path.join(out, e)) for f in files)
+    status, error = run_child(argv, {}, log)
+    still = sorted(os.path.relpath(os.path.join(d, f), out) for e in staging
+                   for d, _, files in os.walk(os.path.join(out, e)) for f in files)
+    os.remove(pause)
+    _, a_status = os.waitpid(pid, 0)
+    listed, problems = check_folder(out)
+    return {"paused_at_pause_file": bool(staging), "second_run": status, "second_error": error,
+            "staging_kept": bool(staged_files) and still == staged_files, "first_run_exit": a_status,
+            "after": {"problems": problems, "left": other_entries(out, listed)}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{len(result['points'])} kill points (SIGKILL at each; the trace of one full --overwrite run):", "",
+             "| kill point | process | sidecar after the kill | listed shards | also in the folder | rerun |",
+             "|---|---|---|---|---|---|"]
+    for r in result["points"]:
+        shards = "all present, sizes and sha256 match" if not r["problems"] else "; ".join(r["problems"])
+        lines.append(f"| {r['point']} | {r['status']} | {r['sidecar']} | {shards} | {r['left']} | {r['rerun']} |")
+    g = result["guard"]
+    lines += ["", f"live-run guard: run A paused after its first shard move; a second --overwrite run: "
+                  f"{g['second_run']} ({g['second_error']}); A's staging kept: {g['staging_kept']}; "
+                  f"A then exited {g['first_run_exit']}, folder problems {g['after']['problems'] or 'none'}, "
+                  f"left {g['after']['left'] or 'nothing'}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", help="folder for the input and the runs (default: a new temporary one)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON, not as a table")
+    args = parser.parse_args(argv)
+    result = kill_points(args.work or tempfile.mkdtemp(prefix="kill-points-"))
+    print(json.dumps(result) if args.json else format_table(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,35 +75,84 @@ def payload_feature(features: Sequence[Feature]) -> Feature:
     return features[0]
 
 
-def encode_example(features: Sequence[Feature], values: Mapping[str, Any]) -> bytes:
-    """Serialises one record; raises SchemaError naming the field that does not fit."""
-    import tensorflow as tf  # imported here so that schema-only users (sidecar tools) stay light
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # a negative int64 is its two's complement, 10 bytes, as protobuf writes it
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
-    feature_map = {}
-    for f in features:
+
+def _field_head(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return bytes([number << 3 | 2]) + _varint(length)
+
+
+def _feature_value(f: Feature, value) -> list[bytes]:
+    """A `tf.train.Feature` message as byte strings; a bytes value is one of them, not copied."""
+    if f.encoding == "int64":
+        number = int(value)
+        if not -2 ** 63 <= number < 2 ** 63:
+            raise ValueError(f"{number} does not fit in int64")
+        packed = _varint(number)
+        int64_list = _field_head(1, len(packed)) + packed  # Int64List.value, packed
+        return [_field_head(3, len(int64_list)) + int64_list]  # Feature.int64_list = 3
+    if f.encoding == "utf8":
+        data = str(value).encode("utf-8")
+    elif f.encoding == "jpeg":
+        if not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"expected bytes, got {type(value).__name__}")
+        data = bytes(value)
+    else:  # float32_le: raw little-endian floats, given as an array or as its bytes
+        expected = int(np.prod(f.shape))
+        if isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+            if len(data) != 4 * expected:
+                raise ValueError(f"expected {4 * expected} bytes for shape {f.shape}, got {len(data)}")
+        else:
+            array = np.asarray(value, dtype="<f4")
+            if array.size != expected:
+                raise ValueError(f"expected {expected} floats for shape {f.shape}, got {array.size}")
+            data = array.tobytes()
+    bytes_list_head = _field_head(1, len(data))  # BytesList.value
+    return [_field_head(1, len(bytes_list_head) + len(data)) + bytes_list_head, data]  # Feature.bytes_list = 1
+
+
+def example_pieces(features: Sequence[Feature], values: Mapping[str, Any]) -> list[bytes]:
+    """One record as byte strings whose concatenation is the serialised `tf.train.Example`; the
+    payload is one of them, not copied, so a writer hashes and writes it as it is.
+
+    Written by hand (the format is three nested length-prefixed messages) with the map entries
+    sorted by name: the same bytes on every protobuf version and backend, which the shards' sha256
+    in the sidecar relies on. Raises SchemaError naming the field that does not fit."""
+    entries = []
+    for f in sorted(features, key=lambda f: f.name.encode("utf-8")):
         if f.name not in values:
             raise SchemaError(f"record is missing feature {f.name!r} (has {sorted(values)})")
-        value = values[f.name]
         try:
-            if f.encoding == "int64":
-                feature_map[f.name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-            elif f.encoding == "utf8":
-                feature_map[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode("utf-8")]))
-            elif f.encoding == "jpeg":
-                if not isinstance(value, (bytes, bytearray)):
-                    raise TypeError(f"expected bytes, got {type(value).__name__}")
-                feature_map[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(value)]))
-            elif f.encoding == "float32_le":
-                array = np.asarray(value, dtype="<f4")
-                expected = int(np.prod(f.shape))
-                if array.size != expected:
-                    raise ValueError(f"expected {expected} floats for shape {f.shape}, got {array.size}")
-                feature_map[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[array.tobytes()]))
+            feature = _feature_value(f, values[f.name])
         except (TypeError, ValueError) as e:
             raise SchemaError(f"feature {f.name!r} ({f.encoding}): {e}") from e
-    # deterministic: a protobuf map's order is otherwise arbitrary, and the same input gave shards with
-    # other bytes (and sha256) on every run although their records were equal.
-    return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString(deterministic=True)
+        key = f.name.encode("utf-8")
+        feature_length = sum(len(p) for p in feature)
+        entry_head = _field_head(1, len(key)) + key + _field_head(2, feature_length)  # MapEntry key = 1, value = 2
+        entries.append([_field_head(1, len(entry_head) + feature_length) + entry_head, *feature])  # Features.feature
+    features_length = sum(len(p) for entry in entries for p in entry)
+    pieces = [_field_head(1, features_length)]  # Example.features = 1
+    for entry in entries:
+        for piece in entry:
+            if len(piece) < 4096 and len(pieces[-1]) < 4096:
+                pieces[-1] += piece  # small pieces joined; a payload stays its own object
+            else:
+                pieces.append(piece)
+    return pieces
+
+
+def encode_example(features: Sequence[Feature], values: Mapping[str, Any]) -> bytes:
+    """Serialises one record (a `tf.train.Example`); raises SchemaError naming the field that does not fit."""
+    return b"".join(example_pieces(features, values))
 
 
 def parse_batch(features: Sequence[Feature], serialized):

@@ -92,3 +92,47 @@ def test_the_same_record_has_the_same_bytes_in_every_process():
                               env={**os.environ, "PYTHONHASHSEED": str(seed), "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
                for seed in range(3)}
     assert len(digests) == 1, digests
+
+
+def _library_example(features, values) -> tf.train.Example:
+    """The record built with the protobuf library, field by field (the reference for the hand-written bytes)."""
+    feature = {}
+    for f in features:
+        v = values[f.name]
+        if f.encoding == "int64":
+            feature[f.name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+        elif f.encoding == "utf8":
+            feature[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8")]))
+        elif f.encoding == "jpeg":
+            feature[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+        else:
+            feature[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, "<f4").tobytes()]))
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+@pytest.mark.parametrize("form", schema.FORMS)
+@pytest.mark.parametrize("extremes", [False, True])
+def test_hand_written_bytes_are_the_protobuf_message(form, extremes):
+    """`example_pieces` writes the wire format itself (so that a 600 KB payload is never copied):
+    the bytes must parse to exactly the message the protobuf library builds, in the library's length."""
+    rng = np.random.default_rng(1)
+    features = schema.record_features(form, image_size=8, embedding_size=16)
+    values = _values(form, rng)
+    if extremes:  # 10-byte varints, multi-byte lengths, empty strings
+        values |= {"label": -(2 ** 63), "height": 2 ** 63 - 1, "width": 0, "label_name": "", "uri": "é" * 5000}
+    pieces = schema.example_pieces(features, values)
+    serialized = schema.encode_example(features, values)
+    expected = _library_example(features, values)
+    assert b"".join(pieces) == serialized
+    assert tf.train.Example.FromString(serialized) == expected
+    assert len(serialized) == len(expected.SerializeToString())
+    if form != "jpeg":  # a large payload given as bytes is one of the pieces, not a copy
+        large = schema.record_features(form, image_size=64, embedding_size=2048)
+        raw = rng.random(int(np.prod(large[0].shape)), dtype=np.float32).tobytes()
+        assert any(p is raw for p in schema.example_pieces(large, values | {large[0].name: raw}))
+
+
+def test_an_int_out_of_int64_is_named():
+    features = schema.record_features("jpeg")
+    with pytest.raises(schema.SchemaError, match="'height'.*does not fit in int64"):
+        schema.encode_example(features, COMMON | {"image": b"x", "height": 2 ** 63})

@@ -20,7 +20,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from etl import embeddings, inputs, preflight, progress, publish, records, sharding
+from etl import embeddings, fixed_size_shards, inputs, preflight, progress, publish, records, sharding
 from etl.options import EtlConfig
 from shared import layout, metadata, schema
 
@@ -46,6 +46,74 @@ def _class_index(labels: list[str]) -> dict:
     return {name: i for i, name in enumerate(sorted(set(labels)))}
 
 
+def load_images(config: EtlConfig) -> records.LoadImage:
+    return records.LoadImage(config.form, config.split, config.max_pixels, int(config.max_file_mb * 2 ** 20),
+                             config.jpeg_quality)
+
+
+def make_tensor_fn(config: EtlConfig, module) -> tuple:
+    """(a factory of the batched TF function that makes the payloads, images per call) for pixels or embeddings."""
+    if config.form == "pixels":
+        return functools.partial(records.make_pixels_fn, config.image_size), 64
+    return (functools.partial(embeddings.make_embedding_fn, module.handle, module.input_size),
+            config.embedding_batch_size)
+
+
+def write_staged_shards(rows, class_index, config: EtlConfig, temp_dir: str, features, module, rejects: list):
+    """Rows -> loaded and encoded in parallel -> records staged per bundle -> copied into shards cut
+    by their sizes (`sharding`): for records of any size, each written twice. Returns shard stats."""
+    loaded = (rows
+              | "SpreadRowsOverWorkers" >> beam.Reshuffle()
+              | "LoadAndCheckImages" >> beam.ParDo(load_images(config), beam.pvalue.AsSingleton(class_index))
+              .with_outputs("rejects", main="images"))
+    rejects.append(loaded.rejects)
+    if config.form == "jpeg":
+        encoded = loaded.images | "EncodeJpegRecords" >> beam.ParDo(records.EncodeJpeg(features))
+    else:
+        make_fn, size = make_tensor_fn(config, module)
+        label = "ResizeToPixels" if config.form == "pixels" else "EmbedWithModule"
+        tensor_records = (loaded.images
+                          | "BatchImages" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
+                          | label >> beam.ParDo(records.EncodeTensor(features, make_fn)).with_outputs(
+                              "rejects", main="records"))
+        encoded = tensor_records.records
+        rejects.append(tensor_records.rejects)
+    return (encoded
+            | "WriteTemporaryRecords" >> beam.ParDo(sharding.WriteTempRecords(temp_dir))
+            | "CollectTemporaryFiles" >> beam.combiners.ToList()
+            | "PlanShardsBySize" >> beam.FlatMap(sharding.plan_shards, config.shard_bytes, config.min_shards)
+            | "SpreadShardsOverWorkers" >> beam.Reshuffle()
+            | "CopyRecordsIntoShards" >> beam.ParDo(sharding.CopyShard(layout.join(temp_dir, "shards"),
+                                                                       publish.run_id_of(temp_dir))))
+
+
+def write_fixed_size_shards(rows, class_index, config: EtlConfig, temp_dir: str, features, module, rejects: list):
+    """Rows -> shards planned from the rows -> each loaded, encoded and written once by one worker
+    (`fixed_size_shards`). Returns shard stats."""
+    make_fn, batch_size = make_tensor_fn(config, module)
+    generation = publish.run_id_of(temp_dir)
+    written = (rows
+               | "PlaceRowsBySortKey" >> beam.Map(fixed_size_shards.place_row, beam.pvalue.AsSingleton(class_index),
+                                                  config.split, fixed_size_shards.RecordSize(features))
+               | "CollectPlacedRows" >> beam.combiners.ToList()
+               | "PlanShardsByRecordSize" >> beam.FlatMap(fixed_size_shards.plan_rows, config.shard_bytes,
+                                                          config.min_shards)
+               | "SpreadShardsOverWorkers" >> beam.Reshuffle()
+               | "LoadEncodeAndWriteEachShardOnce" >> beam.ParDo(
+                   fixed_size_shards.WriteShardOnce(features, make_fn, batch_size, load_images(config),
+                                                    layout.join(temp_dir, "written")),
+                   beam.pvalue.AsSingleton(class_index)).with_outputs("rejects", main="shards"))
+    rejects.append(written.rejects)
+    finished = (written.shards
+                | "CollectWrittenShards" >> beam.combiners.ToList()
+                | "KeepOrRecutShards" >> beam.FlatMap(fixed_size_shards.finish_shards, config.shard_bytes,
+                                                      config.min_shards, generation).with_outputs("recut", main="kept"))
+    recut = (finished.recut
+             | "SpreadRecutShards" >> beam.Reshuffle()
+             | "CopyRecordsIntoRecutShards" >> beam.ParDo(sharding.CopyShard(layout.join(temp_dir, "shards"), generation)))
+    return (finished.kept, recut) | "AllShardStats" >> beam.Flatten()
+
+
 def build_pipeline(p: beam.Pipeline, config: EtlConfig, temp_dir: str, features, module, class_names=None,
                    rows_csv: str | None = None) -> None:
     """Wires the pipeline. Every step writes into `temp_dir`; nothing touches the output folder."""
@@ -66,35 +134,12 @@ def build_pipeline(p: beam.Pipeline, config: EtlConfig, temp_dir: str, features,
      | "RowCountAsText" >> beam.Map(str)
      | "WriteRowCount" >> beam.io.WriteToText(layout.join(temp_dir, "num_rows"), ".txt"))
 
-    loaded = (rows
-              | "SpreadRowsOverWorkers" >> beam.Reshuffle()
-              | "LoadAndCheckImages" >> beam.ParDo(
-                  records.LoadImage(config.form, config.split, config.max_pixels,
-                                    int(config.max_file_mb * 2 ** 20), config.jpeg_quality),
-                  beam.pvalue.AsSingleton(class_index)).with_outputs("rejects", main="images"))
-    rejects = [read["rejects"], loaded.rejects]
-    if config.form == "jpeg":
-        encoded = loaded.images | "EncodeJpegRecords" >> beam.ParDo(records.EncodeJpeg(features))
+    rejects = [read["rejects"]]
+    if config.form in fixed_size_shards.FORMS:
+        shard_stats = write_fixed_size_shards(rows, class_index, config, temp_dir, features, module, rejects)
     else:
-        if config.form == "pixels":
-            make_fn, label, size = functools.partial(records.make_pixels_fn, config.image_size), "ResizeToPixels", 64
-        else:
-            make_fn = functools.partial(embeddings.make_embedding_fn, module.handle, module.input_size)
-            label, size = "EmbedWithModule", config.embedding_batch_size
-        tensor_records = (loaded.images
-                          | "BatchImages" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
-                          | label >> beam.ParDo(records.EncodeTensor(features, make_fn)).with_outputs(
-                              "rejects", main="records"))
-        encoded = tensor_records.records
-        rejects.append(tensor_records.rejects)
-
-    (encoded
-     | "WriteTemporaryRecords" >> beam.ParDo(sharding.WriteTempRecords(temp_dir))
-     | "CollectTemporaryFiles" >> beam.combiners.ToList()
-     | "PlanShardsBySize" >> beam.FlatMap(sharding.plan_shards, config.shard_bytes, config.min_shards)
-     | "SpreadShardsOverWorkers" >> beam.Reshuffle()
-     | "CopyRecordsIntoShards" >> beam.ParDo(sharding.CopyShard(layout.join(temp_dir, "shards"),
-                                                                publish.run_id_of(temp_dir)))
+        shard_stats = write_staged_shards(rows, class_index, config, temp_dir, features, module, rejects)
+    (shard_stats
      | "ShardStatsAsJson" >> beam.Map(json.dumps)
      | "WriteShardStats" >> beam.io.WriteToText(layout.join(temp_dir, "shards"), ".jsonl"))
     (rejects

@@ -60,6 +60,13 @@ def sort_key_for(example_id: str) -> int:
     return int(example_id[:16], 16)
 
 
+def place(row: Row, weights: tuple[float, float, float]) -> tuple[str, str, int]:
+    """(split, example id, sort key) of a row: hashes of its key, known before its file is read."""
+    key = row.key or row.uri
+    example_id = example_id_for(key)
+    return split_for(key, weights), example_id, sort_key_for(example_id)
+
+
 def read_limited(uri: str, max_bytes: int) -> bytes:
     """The file's bytes (`shared.untrusted_files.read_untrusted_file`), refusing a file larger than
     max_bytes and a local path that is not a regular file (opening a FIFO would wait for a writer forever)."""
@@ -118,10 +125,8 @@ class LoadImage(beam.DoFn):
         except ImageRejected as e:
             yield rejected(make_reject(row.uri, row.label, e.reason, e.detail, row.source))
             return
-        key = row.key or row.uri
-        example_id = example_id_for(key)
-        yield Loaded(row, class_index[row.label], split_for(key, self._split_weights), example_id,
-                     sort_key_for(example_id), header.height, header.width, canonical)
+        split, example_id, sort_key = place(row, self._split_weights)
+        yield Loaded(row, class_index[row.label], split, example_id, sort_key, header.height, header.width, canonical)
 
     def _canonical_bytes(self, data: bytes, header: image_check.ImageHeader) -> bytes:
         try:
@@ -138,10 +143,14 @@ class LoadImage(beam.DoFn):
                                            f"{type(e).__name__}: {e}") from None
 
 
-def record_values(item: Loaded) -> dict:
+def record_values_of(row: Row, label_index: int, example_id: str, height: int, width: int) -> dict:
     """The non-payload fields of a record."""
-    return {"label": item.label_index, "label_name": item.row.label, "uri": item.row.uri,
-            "example_id": item.example_id, "height": item.height, "width": item.width}
+    return {"label": label_index, "label_name": row.label, "uri": row.uri, "example_id": example_id,
+            "height": height, "width": width}
+
+
+def record_values(item: Loaded) -> dict:
+    return record_values_of(item.row, item.label_index, item.example_id, item.height, item.width)
 
 
 def counted(record: Encoded) -> Encoded:
@@ -159,12 +168,32 @@ class EncodeJpeg(beam.DoFn):
         yield counted(Encoded(item.split, item.sort_key, schema.encode_example(self._features, values)))
 
 
-class EncodeTensor(beam.DoFn):
-    """A batch of Loaded -> Encoded, through a batched TF function (pixels, or the embedding module).
+def encode_tensor_batch(batch: list[Loaded], fn, features):
+    """A batch of Loaded -> through a batched TF function (pixels, or the embedding module) ->
+    (item, record pieces) for each item, or a reject dict for one that TF cannot decode.
 
     Batches amortise TF's per-call cost (~1 ms); an image that TF cannot decode although PIL
     could is retried alone and rejected, so one bad file never fails its batch.
     """
+    try:
+        outputs = fn([item.image_bytes for item in batch])
+    except Exception:  # find the culprit(s) one by one
+        outputs = None
+    payload = schema.payload_feature(features)
+    for i, item in enumerate(batch):
+        try:
+            value = outputs[i] if outputs is not None else fn([item.image_bytes])[0]
+        except Exception as e:
+            logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
+            yield make_reject(item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}: "
+                              f"{image_check.decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source)
+            continue
+        values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
+        yield item, schema.example_pieces(features, values)
+
+
+class EncodeTensor(beam.DoFn):
+    """A batch of Loaded -> Encoded, through `encode_tensor_batch`."""
 
     def __init__(self, features, make_batch_fn):
         self._features = features
@@ -175,22 +204,12 @@ class EncodeTensor(beam.DoFn):
         self._fn = self._make_batch_fn()
 
     def process(self, batch: list[Loaded]):
-        try:
-            outputs = self._fn([item.image_bytes for item in batch])
-        except Exception:  # find the culprit(s) one by one
-            outputs = None
-        payload = schema.payload_feature(self._features)
-        for i, item in enumerate(batch):
-            try:
-                value = outputs[i] if outputs is not None else self._fn([item.image_bytes])[0]
-            except Exception as e:
-                logging.warning("TensorFlow could not process %s: %s", item.row.uri, e)
-                yield rejected(make_reject(
-                    item.row.uri, item.row.label, "corrupt", f"TensorFlow cannot decode it: {type(e).__name__}: "
-                    f"{image_check.decode_error_cause(getattr(e, 'message', None) or str(e))}", item.row.source))
-                continue
-            values = record_values(item) | {payload.name: np.asarray(value, dtype=np.float32)}
-            yield counted(Encoded(item.split, item.sort_key, schema.encode_example(self._features, values)))
+        for out in encode_tensor_batch(batch, self._fn, self._features):
+            if isinstance(out, dict):
+                yield rejected(out)
+            else:
+                item, pieces = out
+                yield counted(Encoded(item.split, item.sort_key, b"".join(pieces)))
 
 
 def make_pixels_fn(image_size: int):

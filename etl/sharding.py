@@ -7,6 +7,8 @@
    record boundaries into shards of ~`--shard_mb`.
 3. `CopyShard` copies each shard's records from the temporary files into its final file,
    hashing as it writes. Memory per worker is one shard, whatever the dataset's size.
+
+Records of a fixed size (pixels, embeddings) skip the temporary files: see `fixed_size_shards`.
 """
 from __future__ import annotations
 
@@ -98,6 +100,43 @@ def shard_boundaries(total_bytes: int, target_bytes: int, min_shards: int, num_r
     return [total_bytes * (k + 1) / count for k in range(count)]
 
 
+def cut_in_order(lengths: np.ndarray, target_bytes: int, min_shards: int) -> list[int]:
+    """The end (exclusive) of each shard over records in their final order, cut at the record end
+    nearest each of `shard_boundaries`; every shard gets at least one record."""
+    if lengths.size == 0:
+        return []
+    cumulative = np.cumsum(lengths)
+    bounds = shard_boundaries(int(cumulative[-1]), target_bytes, min_shards, lengths.size)
+    ends, previous = [], 0
+    for i, bound in enumerate(bounds):
+        end = int(np.searchsorted(cumulative, bound, side="left"))
+        if end < lengths.size and end > 0 and abs(cumulative[end - 1] - bound) <= abs(cumulative[end] - bound):
+            cut = end
+        else:
+            cut = end + 1
+        remaining_shards = len(bounds) - i - 1
+        cut = max(previous + 1, min(cut, lengths.size - remaining_shards))
+        if i == len(bounds) - 1:
+            cut = lengths.size
+        ends.append(cut)
+        previous = cut
+    return ends
+
+
+def sizes_keep_promise(sizes: list[int], target_bytes: int, min_shards: int, num_records: int) -> bool:
+    """Whether shards of these sizes keep the planner's promise: none empty, at least `min_shards`
+    (or one per record), and all but at most one within SIZE_TOLERANCE of the target, or of the
+    equal share when `min_shards` makes the shards smaller than the target."""
+    if not sizes:
+        return num_records == 0
+    count, total = len(sizes), sum(sizes)
+    if min(sizes) <= 0 or count < min(min_shards, num_records):
+        return False
+    low, high = 1 - SIZE_TOLERANCE, 1 + SIZE_TOLERANCE
+    reference = total / count if count <= min_shards and total / count < low * target_bytes else target_bytes
+    return sum(not low * reference <= size <= high * reference for size in sizes) <= 1
+
+
 def plan_split(split: str, files: list[TempFile], target_bytes: int, min_shards: int) -> list[ShardRecipe]:
     """The shards of one split: records in sort-key order, cut at the record nearest each boundary."""
     keys = np.concatenate([f.keys for f in files]) if files else np.zeros(0, np.uint64)
@@ -107,22 +146,7 @@ def plan_split(split: str, files: list[TempFile], target_bytes: int, min_shards:
     offsets = np.concatenate([f.offsets for f in files])
     lengths = np.concatenate([f.lengths for f in files])
     order = np.lexsort((offsets, file_index, keys))  # by key; ties (never, in practice) stay stable
-    cumulative = np.cumsum(lengths[order])
-    bounds = shard_boundaries(int(cumulative[-1]), target_bytes, min_shards, keys.size)
-    # Record count at each cut: the record end closest to the boundary, each shard non-empty.
-    ends, previous = [], 0
-    for i, bound in enumerate(bounds):
-        end = int(np.searchsorted(cumulative, bound, side="left"))
-        if end < keys.size and end > 0 and abs(cumulative[end - 1] - bound) <= abs(cumulative[end] - bound):
-            cut = end
-        else:
-            cut = end + 1
-        remaining_shards = len(bounds) - i - 1
-        cut = max(previous + 1, min(cut, keys.size - remaining_shards))
-        if i == len(bounds) - 1:
-            cut = keys.size
-        ends.append(cut)
-        previous = cut
+    ends = cut_in_order(lengths[order], target_bytes, min_shards)
     recipes, start = [], 0
     for index, end in enumerate(ends):
         rows = order[start:end]

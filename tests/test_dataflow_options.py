@@ -83,7 +83,8 @@ def test_the_etl_pipeline_translates_to_a_dataflow_job(tmp_path, worker_image):
     [environment_proto] = job.proto_pipeline.components.environments.values()
     staged = [d.role_payload for d in environment_proto.dependencies]
     steps = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-    assert {"LoadAndCheckImages", "CopyRecordsIntoShards", "WriteRejects"} <= steps
+    # pixels: each shard loaded, encoded and written once (etl.fixed_size_shards)
+    assert {"LoadEncodeAndWriteEachShardOnce", "CopyRecordsIntoRecutShards", "WriteRejects"} <= steps
     # The worker pool Dataflow would get (the same object the runner sends after staging).
     environment = apiclient.Environment(packages=[], options=job.options, environment_version="8",
                                         proto_pipeline_staged_url="gs://my-bucket/dataflow/staging/pipeline.pb",

@@ -155,7 +155,8 @@ def test_a_killed_run_publishes_nothing_and_the_next_run_recovers(tmp_path):
     staging = []
     while time.time() < deadline and proc.poll() is None:
         staging = [n for n in os.listdir(out) if n.startswith(publish.TEMP_PREFIX)] if out.exists() else []
-        if staging and any(n.endswith(".part") for n in os.listdir(out / staging[0])):
+        written = out / staging[0] / "written" if staging else None  # pixels: each shard written once, there
+        if written and written.is_dir() and os.listdir(written):
             break  # records are being written
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; make the input larger"

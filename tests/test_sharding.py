@@ -75,3 +75,18 @@ def test_no_shard_is_empty():
             sizes = [len(r.pieces) for r in sharding.plan_split("train", [file], 1000, min_shards)]
             assert sum(sizes) == n and min(sizes) >= 1, (lengths, min_shards, sizes)
 
+
+def test_the_size_promise_is_what_the_planner_keeps():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        lengths = rng.integers(900, 1100, size=n).astype(np.int64)
+        for target, min_shards in ((20_000, 1), (20_000, 4), (500_000, 3)):
+            ends = sharding.cut_in_order(lengths, target, min_shards)
+            sizes = np.diff([0] + [int(np.sum(lengths[:e])) for e in ends]).tolist()
+            if n >= 10 * len(ends):  # records small against shards: cuts at record ends stay close to the bounds
+                assert sharding.sizes_keep_promise(sizes, target, min_shards, n), (n, target, min_shards, sizes)
+    assert not sharding.sizes_keep_promise([20_000, 9_000, 9_000], 20_000, 1, 60)  # two shards shrunk
+    assert not sharding.sizes_keep_promise([20_000, 0], 20_000, 1, 30)  # an empty shard
+    assert not sharding.sizes_keep_promise([30_000], 20_000, 2, 30)  # fewer than --min_shards
+    assert sharding.sizes_keep_promise([5_000, 5_500, 4_800], 20_000, 3, 30)  # the floor decides the size

@@ -4,11 +4,13 @@ A record's size follows from its row before its image is read: the payload has a
 and the other fields are the row's label, uri and id (plus two small ints). So:
 
 1. `place_row` gives each row its split, sort key and the size of its record-to-be.
-2. `plan_rows` (pure) orders each split by sort key and cuts it into shards by those sizes,
-   as `sharding.plan_split` cuts written records: the same promise, decided before decoding.
-3. `WriteShardOnce` (one worker per shard) loads, checks, decodes and encodes the shard's rows
-   in that order and streams the records into the shard file; a writer thread hashes and writes
-   while the next batch decodes. Memory per worker is a batch or two, whatever the shard's size.
+2. `plan_bounds` (pure, on 16 bytes a row: `KeysAndSizes`) orders each split by sort key and
+   cuts it into shards by those sizes, as `sharding.plan_split` cuts written records: the same
+   promise, decided before decoding. A shard is the key range up to its last key.
+3. Rows go to their shard by key (`shard_of`, then a GroupByKey of the small rows), and
+   `WriteShardOnce` (one worker per shard) loads, checks, decodes and encodes them in key order,
+   streaming the records into the shard file; a writer thread hashes and writes while the next
+   batch decodes. Memory per worker is a shard's rows and a batch or two of records.
 4. Rejected rows leave their shard smaller. `finish_shards` keeps the written shards when
    their sizes still keep the promise (`sharding.sizes_keep_promise`); only a split that does
    not is cut again from the written records by `sharding.CopyShard` (a second write, for that
@@ -19,6 +21,7 @@ bundling and worker count.
 """
 from __future__ import annotations
 
+import array
 import typing
 
 import apache_beam as beam
@@ -40,12 +43,6 @@ class PlacedRow(typing.NamedTuple):
     sort_key: int
     size: int  # framed bytes of its record; 0 for a row that will be rejected for its label
     row: Row
-
-
-class ShardPlan(typing.NamedTuple):
-    split: str
-    index: int
-    rows: list  # Row, in the order their records are written
 
 
 class WrittenShard(typing.NamedTuple):
@@ -78,22 +75,52 @@ def place_row(row: Row, class_index: dict, split_weights, record_size: RecordSiz
     return PlacedRow(split, sort_key, size, row)
 
 
-def plan_rows(placed: list[PlacedRow], target_bytes: int, min_shards: int) -> list[ShardPlan]:
-    """Each split's rows in sort-key order, cut into shards of ~target_bytes by their record sizes."""
-    plans = []
-    for split in layout.SPLITS:
-        rows = sorted((p for p in placed if p.split == split), key=lambda p: (p.sort_key, p.row.uri))
-        lengths = np.array([p.size for p in rows], dtype=np.int64)
-        start = 0
-        for index, end in enumerate(sharding.cut_in_order(lengths, target_bytes, min_shards)):
-            plans.append(ShardPlan(split, index, [p.row for p in rows[start:end]]))
-            start = end
-    return plans
+class KeysAndSizes(beam.CombineFn):
+    """PlacedRow -> {split: (sort keys, record sizes)} as numpy arrays: 16 bytes a row for the planner."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, accumulator, placed: PlacedRow):
+        keys, sizes = accumulator.setdefault(placed.split, (array.array("Q"), array.array("q")))
+        keys.append(placed.sort_key)
+        sizes.append(placed.size)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = {}
+        for accumulator in accumulators:
+            for split, (keys, sizes) in accumulator.items():
+                all_keys, all_sizes = merged.setdefault(split, (array.array("Q"), array.array("q")))
+                all_keys.extend(keys)
+                all_sizes.extend(sizes)
+        return merged
+
+    def extract_output(self, accumulator):
+        return {split: (np.frombuffer(keys, dtype=np.uint64), np.frombuffer(sizes, dtype=np.int64))
+                for split, (keys, sizes) in accumulator.items()}
+
+
+def plan_bounds(keys_and_sizes: dict, target_bytes: int, min_shards: int) -> dict:
+    """{split: the last sort key of each shard}: each split in key order, cut into shards of
+    ~target_bytes by the sizes of its records-to-be."""
+    bounds = {}
+    for split, (keys, sizes) in keys_and_sizes.items():
+        order = np.argsort(keys, kind="stable")
+        ends = sharding.cut_in_order(sizes[order], target_bytes, min_shards)
+        bounds[split] = keys[order][np.array(ends, dtype=np.int64) - 1]
+    return bounds
+
+
+def shard_of(placed: PlacedRow, bounds: dict) -> tuple:
+    """((split, shard index), (sort key, row)): the shard whose key range holds the row."""
+    index = int(np.searchsorted(bounds[placed.split], np.uint64(placed.sort_key), side="left"))
+    return (placed.split, index), (placed.sort_key, placed.row)
 
 
 class WriteShardOnce(beam.DoFn):
-    """ShardPlan -> its records, written in order into `<shard_dir>/<split>-<index>.tfrecord` ->
-    a WrittenShard (main output) and rejects (tagged `rejects`)."""
+    """((split, index), its (sort key, row)s) -> the records, written in key order into
+    `<shard_dir>/<split>-<index>.tfrecord` -> a WrittenShard, and rejects (tagged `rejects`)."""
 
     def __init__(self, features, make_batch_fn, batch_size: int, load: records.LoadImage, shard_dir: str):
         self._features = features
@@ -106,13 +133,15 @@ class WriteShardOnce(beam.DoFn):
     def setup(self):
         self._fn = self._make_batch_fn()
 
-    def process(self, plan: ShardPlan, class_index: dict):
-        path = layout.join(self._shard_dir, f"{plan.split}-{plan.index:05d}{layout.SHARD_SUFFIX}")
+    def process(self, shard: tuple, class_index: dict):
+        (split, index), keyed_rows = shard
+        rows = [row for _, row in sorted(keyed_rows, key=lambda keyed: (keyed[0], keyed[1].uri))]
+        path = layout.join(self._shard_dir, f"{split}-{index:05d}{layout.SHARD_SUFFIX}")
         writer, keys = None, []
         try:
-            for start in range(0, len(plan.rows), self._batch_size):
+            for start in range(0, len(rows), self._batch_size):
                 loaded = []
-                for row in plan.rows[start:start + self._batch_size]:
+                for row in rows[start:start + self._batch_size]:
                     for out in self._load.process(row, class_index):
                         if isinstance(out, records.Loaded):
                             loaded.append(out)
@@ -138,7 +167,7 @@ class WriteShardOnce(beam.DoFn):
             return
         size, sha256, lengths = writer.close()
         stop_points.reached("write-shard")
-        yield WrittenShard(plan.split, plan.index, path, np.array(keys, dtype=np.uint64),
+        yield WrittenShard(split, index, path, np.array(keys, dtype=np.uint64),
                            np.array(lengths, dtype=np.int64), size, sha256)
 
 

@@ -92,13 +92,16 @@ def write_fixed_size_shards(rows, class_index, config: EtlConfig, temp_dir: str,
     (`fixed_size_shards`). Returns shard stats."""
     make_fn, batch_size = make_tensor_fn(config, module)
     generation = publish.run_id_of(temp_dir)
-    written = (rows
-               | "PlaceRowsBySortKey" >> beam.Map(fixed_size_shards.place_row, beam.pvalue.AsSingleton(class_index),
-                                                  config.split, fixed_size_shards.RecordSize(features))
-               | "CollectPlacedRows" >> beam.combiners.ToList()
-               | "PlanShardsByRecordSize" >> beam.FlatMap(fixed_size_shards.plan_rows, config.shard_bytes,
-                                                          config.min_shards)
-               | "SpreadShardsOverWorkers" >> beam.Reshuffle()
+    placed = rows | "PlaceRowsBySortKey" >> beam.Map(
+        fixed_size_shards.place_row, beam.pvalue.AsSingleton(class_index), config.split,
+        fixed_size_shards.RecordSize(features))
+    bounds = (placed
+              | "CollectKeysAndSizes" >> beam.CombineGlobally(fixed_size_shards.KeysAndSizes())
+              | "PlanShardsByRecordSize" >> beam.Map(fixed_size_shards.plan_bounds, config.shard_bytes,
+                                                     config.min_shards))
+    written = (placed
+               | "KeyRowsByShard" >> beam.Map(fixed_size_shards.shard_of, beam.pvalue.AsSingleton(bounds))
+               | "GroupRowsByShard" >> beam.GroupByKey()
                | "LoadEncodeAndWriteEachShardOnce" >> beam.ParDo(
                    fixed_size_shards.WriteShardOnce(features, make_fn, batch_size, load_images(config),
                                                     layout.join(temp_dir, "written")),

@@ -17,21 +17,34 @@ def _placed(rng, n, split="train"):
             for i, (k, size) in enumerate(zip(rng.integers(0, 2 ** 63, n), rng.integers(3000, 3100, n)))]
 
 
+def _plan(placed, target_bytes, min_shards):
+    """The planner's steps as the pipeline wires them, without a runner: {(split, index): [uri in key order]}."""
+    combine = fixed_size_shards.KeysAndSizes()
+    halves = [combine.add_inputs(combine.create_accumulator(), part) for part in (placed[::2], placed[1::2])]
+    bounds = fixed_size_shards.plan_bounds(combine.extract_output(combine.merge_accumulators(halves)),
+                                           target_bytes, min_shards)
+    shards = {}
+    for placed_row in placed:
+        key, keyed_row = fixed_size_shards.shard_of(placed_row, bounds)
+        shards.setdefault(key, []).append(keyed_row)
+    return {key: [row.uri for _, row in sorted(rows, key=lambda kr: kr[0])] for key, rows in sorted(shards.items())}
+
+
 def test_plans_cover_every_row_once_in_key_order_and_do_not_depend_on_input_order():
     rng = np.random.default_rng(0)
     placed = _placed(rng, 500) + _placed(rng, 40, "valid")
-    plans = fixed_size_shards.plan_rows(placed, target_bytes=100_000, min_shards=1)
-    shuffled = fixed_size_shards.plan_rows([placed[i] for i in rng.permutation(len(placed))], 100_000, 1)
-    assert plans == shuffled
+    plans = _plan(placed, target_bytes=100_000, min_shards=1)
+    assert plans == _plan([placed[i] for i in rng.permutation(len(placed))], 100_000, 1)
     by_uri = {p.row.uri: p for p in placed}
     for split in ("train", "valid"):
-        split_plans = [p for p in plans if p.split == split]
-        uris = [row.uri for p in split_plans for row in p.rows]
+        split_plans = [uris for (s, _), uris in plans.items() if s == split]
+        uris = [u for shard in split_plans for u in shard]
         assert len(uris) == len(set(uris)) == sum(p.split == split for p in placed)
         assert [by_uri[u].sort_key for u in uris] == sorted(by_uri[u].sort_key for u in uris)
-        sizes = [sum(by_uri[r.uri].size for r in p.rows) for p in split_plans]
+        sizes = [sum(by_uri[u].size for u in shard) for shard in split_plans]
         assert sharding.sizes_keep_promise(sizes, 100_000, 1, len(uris)), sizes
-        assert [p.index for p in split_plans] == list(range(len(split_plans)))
+        assert sorted(i for s, i in plans if s == split) == list(range(len(split_plans)))
+    assert len([key for key in plans if key[0] == "train"]) == 15  # 500 x ~3 KB in ~100 KB shards
 
 
 def _written(rng, counts, record=3000):

@@ -221,4 +221,5 @@ def make_pixels_fn(image_size: int):
 
     batch_fn = tf.function(lambda image_bytes: preprocess.preprocess_batch(image_bytes, image_size),
                            input_signature=[tf.TensorSpec([None], tf.string)])
-    return lambda images: batch_fn(tf.constant(images)).numpy()
+    # np.asarray shares the tensor's memory; .numpy() copied the batch (38 MB at 224 px, 64 images).
+    return lambda images: np.asarray(batch_fn(tf.constant(images)))

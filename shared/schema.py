@@ -7,6 +7,7 @@ sidecar stores the same tuple (`features_to_json`), so the reader never retypes 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -75,7 +76,12 @@ def payload_feature(features: Sequence[Feature]) -> Feature:
     return features[0]
 
 
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     value &= (1 << 64) - 1  # a negative int64 is its two's complement, 10 bytes, as protobuf writes it
     out = bytearray()
     while value > 0x7F:
@@ -106,7 +112,7 @@ def _feature_value(f: Feature, value) -> list[bytes]:
             raise TypeError(f"expected bytes, got {type(value).__name__}")
         data = bytes(value)
     else:  # float32_le: raw little-endian floats, given as an array or as its bytes
-        expected = int(np.prod(f.shape))
+        expected = math.prod(f.shape)
         if isinstance(value, (bytes, bytearray)):
             data = bytes(value)
             if len(data) != 4 * expected:
@@ -170,7 +176,7 @@ def parse_batch(features: Sequence[Feature], serialized):
         value = parsed[f.name]
         if f.encoding == "float32_le":
             flat = tf.io.decode_raw(value, tf.float32, little_endian=True)
-            expected = int(np.prod(f.shape))
+            expected = math.prod(f.shape)
             tf.debugging.assert_equal(tf.shape(flat)[-1], expected,
                                       message=f"feature {f.name!r}: stored length does not match shape {f.shape}")
             value = tf.reshape(flat, [-1, *f.shape])

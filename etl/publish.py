@@ -67,9 +67,11 @@ def _is_ours(name: str) -> bool:
             or layout.parse_shard_file_name(name) is not None)
 
 
-def run_id_of(temp_dir: str) -> str:
-    """The run id in a staging folder's name: the generation of the shards that run writes."""
-    return _STAGING.match(temp_dir.rstrip("/").rsplit("/", 1)[-1])["run_id"]
+def run_id_of(temp_dir: str) -> str | None:
+    """The run id in a staging folder's name: the generation of the shards that run writes. None for
+    a folder `prepare_output` did not make (a test building the pipeline into its own folder)."""
+    m = _STAGING.match(temp_dir.rstrip("/").rsplit("/", 1)[-1])
+    return m["run_id"] if m and not m["suffix"] else None
 
 
 def _sync_folder(folder: str) -> None:
@@ -345,7 +347,8 @@ def discard(temp_dir: str) -> None:
     stop_points.reached("discard-staging")
     output = temp_dir.rstrip("/").rsplit("/", 1)[0]
     try:
-        remove_unlisted_shards(output, run_id_of(temp_dir))
+        if run_id_of(temp_dir):
+            remove_unlisted_shards(output, run_id_of(temp_dir))
         if is_remote(temp_dir):  # its owner file last: until then it is this run's, not a left-over
             owner = layout.join(temp_dir, OWNER_FILE)
             others = [m.path for m in FileSystems.match([temp_dir.rstrip("/") + "/**"])[0].metadata_list

@@ -22,8 +22,8 @@ import sys
 import tempfile
 import time
 
-from etl import pipeline, publish  # noqa: F401  (imported once, before forking)
-from shared import layout
+from etl import pipeline, publish, records  # noqa: F401  (imported once, before forking)
+from shared import layout, preprocess  # noqa: F401  (TensorFlow: the steps import it lazily)
 from tests import image_factory
 
 FLAGS = ["--form", "pixels", "--image_size", "8", "--split", "100,0,0", "--min_shards", "2", "--overwrite"]

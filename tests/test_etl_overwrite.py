@@ -9,7 +9,6 @@ import pytest
 
 from etl import pipeline, publish
 from shared import layout
-from tests import image_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,9 +1,10 @@
 """`python -m etl`: logging, the refusals that need neither Beam nor TensorFlow, then `etl.pipeline.run`.
 
-`--help`, a flag error, a bad class names file or an --output inside the input answer before Beam
-loads (~0.3 s); a non-empty --output (checked by `publish`, which reads folders through Beam) before
-TensorFlow does (~1.5 s; TensorFlow alone takes ~5 s to import). Refusals are one line and exit 2;
-any other error is a bug and keeps its traceback (exit 1).
+`--help`, a flag error, a bad class names file, an --output inside the input or a non-empty local
+--output answer before Beam loads (~0.3 s); a gs:// --output is read through Beam, and a flag meant
+for Beam is checked by Beam, both before TensorFlow loads (~1.5 s; TensorFlow alone takes ~5 s to
+import). Refusals (EtlError) are one line and exit 2; any other error is a bug and keeps its
+traceback (exit 1).
 """
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         checked = preflight.check_run(argv)
     except EtlError as e:
         refuse(e)
-    from etl import pipeline, publish  # Beam
+    from etl import pipeline  # Beam
 
     try:
         meta = pipeline.run(argv, checked)
-    except (EtlError, publish.OutputNotEmptyError, publish.TooManyRejectsError) as e:
+    except EtlError as e:
         refuse(e)
     counts = ", ".join(f"{name}={split.num_examples}" for name, split in meta.splits.items())
     print(f"etl: wrote {counts}, rejected={meta.extra['rejected']['count']}")

@@ -1,7 +1,7 @@
 """The ETL's deliberate refusals.
 
-`python -m etl` prints an `EtlError` (and publish's OutputNotEmptyError and TooManyRejectsError) as
-one line and exits 2; any other exception is a bug and keeps its traceback (exit 1).
+`python -m etl` prints an `EtlError` (publish's OutputNotEmptyError and TooManyRejectsError are ones)
+as one line and exits 2; any other exception is a bug and keeps its traceback (exit 1).
 """
 
 

@@ -1,5 +1,5 @@
-"""What the driver checks before the pipeline is built: flags, the class names file, the input, and
-an --output inside the input.
+"""What the driver checks before the pipeline is built: flags, the class names file, the input, an
+--output inside the input, and the output folder (`publish.check_output`).
 
 Free of TensorFlow and Beam (Beam loads only for a gs:// path or a flag meant for Beam), so that a
 refusal answers in well under 2 s instead of after ~7 s of imports.
@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+from etl import publish
 from etl.errors import EtlError
 from etl.options import EtlConfig, parse_etl_args, refuse_unknown_beam_flags
 from shared.paths import is_remote
@@ -25,9 +26,10 @@ class CheckedRun:
 
 def check_run(argv: Sequence[str]) -> CheckedRun:
     """Parses the flags (a bad one exits 2, as argparse does) and raises EtlError for a class names
-    file that cannot be used, a local --input that does not exist, or an --output inside a class-folder
-    --input. The output folder itself is checked by `publish.prepare_output`. Beam's flags are checked
-    last: that loads Beam (~1.2 s), and `make etl` always passes some."""
+    file that cannot be used, a local --input that does not exist, an --output inside a class-folder
+    --input, or an --output that cannot take the dataset (publish.OutputNotEmptyError; checked again
+    when the run claims it). Beam's flags are checked last: that loads Beam (~1.2 s), and `make etl`
+    always passes some."""
     config, beam_args = parse_etl_args(argv, check_beam_flags=False)
     class_names = read_class_names_file(config.class_names_file) if config.class_names_file else None
     if not is_remote(config.input) and not os.path.exists(config.input):
@@ -40,6 +42,7 @@ def check_run(argv: Sequence[str]) -> CheckedRun:
         # records, shifting the indices of the classes sorted after it.
         raise EtlError(f"--output {config.output} lies inside the class-folder --input {config.input}; "
                        "choose an output folder outside it")
+    publish.check_output(config.output, config.overwrite)
     refuse_unknown_beam_flags(beam_args)
     return CheckedRun(config, beam_args, class_names, folder_input)
 

@@ -8,6 +8,9 @@ shards removed. So at every instant the folder holds one complete dataset, the o
 the commit and the new one after it, each shard its sidecar lists in place with its size and
 sha256. Files that no sidecar lists (a killed run's) are removed by the next run; a file the
 live sidecar lists never is.
+
+Beam's FileSystems (gs:// and the rest) load on first use: `check_output` reads a local folder
+without them, so that `etl.preflight` refuses a non-empty one before Beam and TensorFlow load.
 """
 from __future__ import annotations
 
@@ -20,9 +23,8 @@ import socket
 import time
 import uuid
 
-from apache_beam.io.filesystems import FileSystems
-
 from etl import stop_points
+from etl.errors import EtlError
 from shared import layout
 from shared.paths import is_remote
 
@@ -33,12 +35,32 @@ OWNER_FILE = "owner.json"  # in each staging folder: the run writing it, so that
 STALE_SECONDS = 24 * 3600  # a staging folder of another machine's run older than this is a left-over
 
 
-class OutputNotEmptyError(RuntimeError):
-    pass
+class OutputNotEmptyError(EtlError):
+    """--output cannot take this run's dataset: not empty without --overwrite, another run's, not a folder."""
 
 
-class TooManyRejectsError(RuntimeError):
-    pass
+class TooManyRejectsError(EtlError):
+    """More inputs were rejected than --max_reject_fraction allows (or there were none): nothing is published."""
+
+
+def beam_filesystems():
+    """Beam's `FileSystems`, imported on first use (~1.2 s)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+def _read_bytes(path: str) -> bytes:
+    """A whole file; FileNotFoundError when a local one is missing. Beam loads for a remote path only."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    with beam_filesystems().open(path, compression_type="uncompressed") as f:
+        return f.read()
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path) if not is_remote(path) else beam_filesystems().exists(path)
 
 
 def _list_entries(folder: str) -> list[str]:
@@ -46,7 +68,7 @@ def _list_entries(folder: str) -> list[str]:
     if not is_remote(folder):
         return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     prefix = folder.rstrip("/") + "/"
-    matches = FileSystems.match([prefix + "**"])[0].metadata_list
+    matches = beam_filesystems().match([prefix + "**"])[0].metadata_list
     return sorted({m.path[len(prefix):].split("/", 1)[0] for m in matches})
 
 
@@ -56,10 +78,10 @@ def _delete(paths: list[str]) -> None:
     remote = []
     for p in paths:
         if is_remote(p):
-            under = FileSystems.match([p.rstrip("/") + "/**"])[0].metadata_list
+            under = beam_filesystems().match([p.rstrip("/") + "/**"])[0].metadata_list
             remote.extend([m.path for m in under] or [p])
     if local or remote:
-        FileSystems.delete(local + remote)
+        beam_filesystems().delete(local + remote)
 
 
 def _is_ours(name: str) -> bool:
@@ -89,12 +111,11 @@ def listed_shards(output: str) -> set[str] | None:
     there but unreadable (then nothing can be shown to be unlisted)."""
     path = layout.join(output, layout.METADATA_FILE)
     try:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            body = json.loads(f.read())
+        body = json.loads(_read_bytes(path))
     except FileNotFoundError:
         return set()
     except Exception:
-        if not FileSystems.exists(path):
+        if not _exists(path):
             return set()
         return None
     try:
@@ -134,16 +155,14 @@ def _leftovers(output: str, entries: list[str]) -> list[str]:
     return staging + unlisted
 
 
-def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
-    """Checks the output folder; returns a fresh staging folder inside it and the entries of a
-    previous ETL output that `publish` replaces.
+def check_output(output: str, overwrite: bool) -> tuple[list[str], list[str]]:
+    """(left-overs that `prepare_output` removes, the entries of a previous ETL output that `publish`
+    replaces), or OutputNotEmptyError. Reads only.
 
-    Left-overs of killed runs (`.incomplete-*`, shard files no sidecar lists) and a failed run's
-    lone `rejects.jsonl` are removed. Anything else needs --overwrite, which replaces only files
-    the ETL writes: a folder holding other files is refused even then, so a wrong --output
-    deletes nothing. A folder another live run writes to is refused, --overwrite or not. The
-    previous output stays complete until the new sidecar replaces it: a run that fails (a
-    mistyped --input, too many rejects) leaves it as it was.
+    Left-overs are killed runs' (`.incomplete-*`, shard files no sidecar lists) and a failed run's
+    lone `rejects.jsonl`. Anything else needs --overwrite, which replaces only files the ETL writes:
+    a folder holding other files is refused even then, so a wrong --output deletes nothing. A folder
+    another live run writes to is refused, --overwrite or not.
     """
     if output.rstrip("/") == "":
         raise OutputNotEmptyError(f"--output {output!r} is the file system's root; give a folder for the dataset")
@@ -171,6 +190,17 @@ def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
             raise OutputNotEmptyError(
                 f"--output {output} holds files the ETL did not write ({foreign[:5]}); --overwrite only "
                 "replaces ETL outputs, so remove them or choose another folder")
+    return leftovers, rest
+
+
+def prepare_output(output: str, overwrite: bool) -> tuple[str, list[str]]:
+    """Checks the output folder (`check_output`), makes a fresh staging folder inside it, then removes
+    the left-overs; returns the staging folder and the entries of a previous ETL output that
+    `publish` replaces. The previous output stays complete until the new sidecar replaces it: a run
+    that fails (a mistyped --input, too many rejects) leaves it as it was.
+    """
+    leftovers, rest = check_output(output, overwrite)
+    output = output.rstrip("/")
     temp_dir = _create_staging(output)
     stop_points.reached("create-staging")
     try:  # announced, then checked again: of two runs that start together, at most one goes on
@@ -201,8 +231,7 @@ def _create_staging(output: str) -> str:
 
 def _owner_text(staging: str) -> str:
     try:
-        with FileSystems.open(layout.join(staging, OWNER_FILE), compression_type="uncompressed") as f:
-            owner = json.loads(f.read())
+        owner = json.loads(_read_bytes(layout.join(staging, OWNER_FILE)))
         return f"process {owner['pid']} on {owner['host']}"
     except Exception:
         return "owner unknown"
@@ -214,8 +243,7 @@ def _owner_is_running(staging: str) -> bool:
     without an owner file is a left-over (`_create_staging` never shows one without it)."""
     path = layout.join(staging, OWNER_FILE)
     try:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            owner = json.loads(f.read())
+        owner = json.loads(_read_bytes(path))
         host, pid = owner["host"], int(owner["pid"])
     except Exception:
         return False
@@ -228,17 +256,18 @@ def _owner_is_running(staging: str) -> bool:
             return True  # it exists, as another user
         return pid != os.getpid()
     try:
-        age = time.time() - FileSystems.match([path])[0].metadata_list[0].last_updated_in_seconds
+        age = time.time() - beam_filesystems().match([path])[0].metadata_list[0].last_updated_in_seconds
     except Exception:
         return True
     return age < STALE_SECONDS
 
 
 def _read_lines(pattern: str) -> list[str]:
-    found = FileSystems.match([pattern])[0].metadata_list
+    filesystems = beam_filesystems()
+    found = filesystems.match([pattern])[0].metadata_list
     lines = []
     for m in sorted(found, key=lambda m: m.path):
-        with FileSystems.open(m.path, compression_type="uncompressed") as f:
+        with filesystems.open(m.path, compression_type="uncompressed") as f:
             # WriteToText ends lines with "\n" only; str.splitlines also splits at U+0085 and U+2028,
             # which json.dumps(ensure_ascii=False) leaves in a file name (a NEL in a rejected file's name
             # cut its JSON line in two and failed the whole run).
@@ -277,7 +306,7 @@ def check_accounting(staged: dict, max_reject_fraction: float, input_path: str) 
 
 
 def write_text(path: str, text: str) -> None:
-    with FileSystems.create(path, mime_type="text/plain", compression_type="uncompressed") as f:
+    with beam_filesystems().create(path, mime_type="text/plain", compression_type="uncompressed") as f:
         f.write(text.encode("utf-8"))
 
 
@@ -310,7 +339,7 @@ def publish(output: str, temp_dir: str, shards: list[dict], metadata_json: str, 
     (the replaced dataset's shards) and the staging folder."""
     output = output.rstrip("/")
     for shard in shards:
-        FileSystems.rename([shard["staged"]], [layout.join(output, shard["file"])])
+        beam_filesystems().rename([shard["staged"]], [layout.join(output, shard["file"])])
         stop_points.reached("move-shard")
     _sync_folder(output)
     _replace_file(output, layout.METADATA_FILE, metadata_json, temp_dir)
@@ -350,13 +379,14 @@ def discard(temp_dir: str) -> None:
         if run_id_of(temp_dir):
             remove_unlisted_shards(output, run_id_of(temp_dir))
         if is_remote(temp_dir):  # its owner file last: until then it is this run's, not a left-over
+            filesystems = beam_filesystems()
             owner = layout.join(temp_dir, OWNER_FILE)
-            others = [m.path for m in FileSystems.match([temp_dir.rstrip("/") + "/**"])[0].metadata_list
+            others = [m.path for m in filesystems.match([temp_dir.rstrip("/") + "/**"])[0].metadata_list
                       if m.path != owner]
             if others:
-                FileSystems.delete(others)
-            if FileSystems.exists(owner):
-                FileSystems.delete([owner])
+                filesystems.delete(others)
+            if filesystems.exists(owner):
+                filesystems.delete([owner])
         elif os.path.isdir(temp_dir):
             removing = temp_dir.rstrip("/") + ".removing"  # a left-over from here on, whatever is left of it
             os.rename(temp_dir, removing)

@@ -94,7 +94,8 @@ def other_entries(out: str, listed: set[str]) -> list[str]:
 def describe(entries: list[str]) -> str:
     staging = sum(e.startswith(publish.TEMP_PREFIX) for e in entries)
     shards = sum(layout.parse_shard_file_name(e) is not None for e in entries)
-    parts = ([f"{staging} staging folder"] if staging else []) + ([f"{shards} unlisted shards"] if shards else [])
+    parts = ([f"{staging} staging folder"] if staging else []) + \
+        ([f"{shards} unlisted shard{'s' if shards > 1 else ''}"] if shards else [])
     rest = len(entries) - staging - shards
     return ", ".join(parts + ([f"{rest} other"] if rest else [])) or "nothing else"
 
@@ -178,7 +179,11 @@ def main(argv=None) -> None:
     parser.add_argument("--work", help="folder for the input and the runs (default: a new temporary one)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON, not as a table")
     args = parser.parse_args(argv)
-    result = kill_points(args.work or tempfile.mkdtemp(prefix="kill-points-"))
+    if args.work:
+        result = kill_points(args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kill-points-") as work:
+            result = kill_points(work)
     print(json.dumps(result) if args.json else format_table(result))
 
 

@@ -1,7 +1,6 @@
 """--overwrite: the folder holds one complete dataset at every instant, and a live run is never overrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,9 @@ def test_a_kill_at_any_point_of_an_overwrite_leaves_one_complete_dataset(tmp_pat
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.overwrite_kill_points import format_table
+
+    print(format_table(result))  # the table for the issue's note: pytest -s shows it
     points = result["points"]
     names = [p["point"] for p in points]
     for phase in ("create-staging#1", "write-shard#1", "move-shard#2", "commit-sidecar#1", "write-rejects#1",
@@ -35,28 +37,6 @@ def test_a_kill_at_any_point_of_an_overwrite_leaves_one_complete_dataset(tmp_pat
     assert guard["paused_at_pause_file"] and guard["staging_kept"], guard
     assert guard["second_run"] == "failed" and "another ETL run is writing" in guard["second_error"], guard
     assert guard["first_run_exit"] == 0 and guard["after"] == {"problems": [], "left": []}, guard
-
-
-def _fake_live_staging(out, pid):
-    staging = out / (publish.TEMP_PREFIX + "0123456789ab")
-    staging.mkdir(parents=True)
-    (staging / "records.part").write_bytes(b"being written")
-    (staging / publish.OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
-    return staging
-
-
-def test_overwrite_does_not_delete_a_live_runs_staging_folder(tmp_path, class_folder_dataset):
-    out = tmp_path / "out"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        staging = _fake_live_staging(out, other.pid)
-        with pytest.raises(publish.OutputNotEmptyError, match=f"another ETL run is writing .*process {other.pid}"):
-            pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg", "--overwrite"])
-        assert (staging / "records.part").read_bytes() == b"being written"
-        assert sorted(os.listdir(out)) == [staging.name], "a refused run leaves nothing behind"
-    finally:
-        other.kill()
-        other.wait()
 
 
 def _shard(out, split, index, count, generation, body=b"x"):

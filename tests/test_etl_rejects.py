@@ -251,7 +251,7 @@ def test_header_rows_are_told_from_data_rows_and_a_latin1_line_is_one_reject(tmp
 
 def test_a_live_runs_staging_folder_is_not_deleted_under_it(tmp_path, class_folder_dataset):
     """A staging folder whose owner process is alive (another run to the same --output) is refused,
-    not removed as a left-over; once that process is gone, it is a left-over."""
+    with --overwrite too, not removed as a left-over; once that process is gone, it is a left-over."""
     import json as json_lib
     import socket
 
@@ -262,9 +262,11 @@ def test_a_live_runs_staging_folder_is_not_deleted_under_it(tmp_path, class_fold
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (staging / publish.OWNER_FILE).write_text(json_lib.dumps({"host": socket.gethostname(), "pid": other.pid}))
-        with pytest.raises(publish.OutputNotEmptyError, match=f"another ETL run is writing .*process {other.pid}"):
-            pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg"])
-        assert (staging / "records-00000.part").read_bytes() == b"being written"
+        for overwrite in ([], ["--overwrite"]):
+            with pytest.raises(publish.OutputNotEmptyError, match=f"another ETL run is writing .*process {other.pid}"):
+                pipeline.run(["--input", class_folder_dataset, "--output", str(out), "--form", "jpeg", *overwrite])
+            assert (staging / "records-00000.part").read_bytes() == b"being written"
+            assert os.listdir(out) == [staging.name], "a refused run leaves nothing behind"
     finally:
         other.kill()
         other.wait()

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from etl import pipeline, publish
+from etl import inputs, pipeline, publish
 from etl.records import example_id_for, split_for
 from etl.tfrecord_io import read_framed_records
 from shared import layout, preprocess, schema
@@ -127,6 +127,36 @@ def test_class_folders_on_gcs_to_a_dataset_on_gcs(gcs_dir, form, request):
         uri, record = next(iter(records.items()))
         expected = module(preprocess.preprocess_image(tf.constant(images[uri]), 32)[None])[0].numpy()
         np.testing.assert_allclose(record["embedding"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_csv_on_gcs_of_absolute_and_relative_gs_paths(gcs_dir):
+    """Relative paths are relative to the CSV's folder, as for a local CSV; bad objects are rejects."""
+    images = upload_class_folders(f"{gcs_dir}/lists/img", per_class=2)
+    elsewhere = upload_class_folders(f"{gcs_dir}/other", classes=("owl",), per_class=1)
+    upload(f"{gcs_dir}/lists/img/notes.jpg", b"not a picture")
+    upload(f"{gcs_dir}/lists/img/truncated.jpg", truncated_jpeg())
+    (cat0, cat1, dog0, dog1), [owl] = sorted(images), list(elsewhere)
+    lines = ["image,label", f"{cat0},cat", "img/cat/001.jpg,cat", "./img/dog/000.jpg,dog", "img/./dog/001.jpg,dog",
+             "../other/owl/000.jpg,owl", "img/missing.jpg,cat", "img/notes.jpg,dog", "img/truncated.jpg,dog"]
+    csv_path = upload(f"{gcs_dir}/lists/rows.csv", ("\n".join(lines) + "\n").encode())
+    out = f"{gcs_dir}/out"
+    meta = pipeline.run(["--input", csv_path, "--output", out, "--form", "jpeg"])
+
+    body, records = read_dataset(out)
+    assert sorted(records) == sorted([cat0, cat1, dog0, dog1, owl]), "uris as the objects are named"
+    assert all(records[uri]["image"] == data for uri, data in {**images, **elsewhere}.items())
+    assert body["class_names"] == ["cat", "dog", "owl"] and body["input"]["num_rows"] == 8
+    assert read_rejects(out) == {f"{gcs_dir}/lists/img/missing.jpg": "missing_file",
+                                 f"{gcs_dir}/lists/img/notes.jpg": "not_an_image",
+                                 f"{gcs_dir}/lists/img/truncated.jpg": "corrupt"}
+    assert meta.extra["rejected"]["count"] == 3
+
+
+@pytest.mark.parametrize("relative, resolved", [
+    ("img/a.jpg", "gs://b/l/img/a.jpg"), ("./img/./a.jpg", "gs://b/l/img/a.jpg"), ("../a.jpg", "gs://b/a.jpg"),
+    ("../../a.jpg", "gs://b/a.jpg"), ("img//a.jpg", "gs://b/l/img//a.jpg")])
+def test_dots_in_a_relative_path_resolve_on_an_object_store_and_nothing_else_changes(relative, resolved):
+    assert inputs.resolve_path(relative, "gs://b/l") == resolved
 
 
 def test_overwrite_replaces_a_dataset_on_gcs(gcs_dir):

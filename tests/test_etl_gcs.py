@@ -6,6 +6,7 @@ client has its endpoint compiled in, so these tests stop at the published datase
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from etl import inputs, pipeline, publish
+from etl.errors import EtlError
 from etl.records import example_id_for, split_for
 from etl.tfrecord_io import read_framed_records
 from shared import layout, preprocess, schema
@@ -160,6 +162,14 @@ def test_a_csv_on_gcs_of_absolute_and_relative_gs_paths(gcs_dir):
     ("../../a.jpg", "gs://b/a.jpg"), ("img//a.jpg", "gs://b/l/img//a.jpg")])
 def test_dots_in_a_relative_path_resolve_on_an_object_store_and_nothing_else_changes(relative, resolved):
     assert inputs.resolve_path(relative, "gs://b/l") == resolved
+
+
+def test_a_gs_input_that_does_not_exist_is_named_as_on_disk(gcs_dir):
+    upload_class_folders(f"{gcs_dir}/in", per_class=1)
+    for missing in (f"{gcs_dir}/in.csv", f"{gcs_dir}/typo/"):
+        with pytest.raises(EtlError, match=f"--input {re.escape(missing)} does not exist"):
+            pipeline.run(["--input", missing, "--output", f"{gcs_dir}/out", "--form", "jpeg"])
+    assert list_objects(f"{gcs_dir}/out") == {}, "refused before the output is touched"
 
 
 def test_overwrite_replaces_a_dataset_on_gcs(gcs_dir):

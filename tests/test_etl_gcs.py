@@ -144,13 +144,15 @@ def test_a_csv_on_gcs_of_absolute_and_relative_gs_paths(gcs_dir):
     lines = ["image,label", f"{cat0},cat", "img/cat/001.jpg,cat", "./img/dog/000.jpg,dog", "img/./dog/001.jpg,dog",
              "../other/owl/000.jpg,owl", "img/missing.jpg,cat", "img/notes.jpg,dog", "img/truncated.jpg,dog"]
     csv_path = upload(f"{gcs_dir}/lists/rows.csv", ("\n".join(lines) + "\n").encode())
+    class_names = upload(f"{gcs_dir}/lists/dict.txt", b"owl\ndog\ncat\n")
     out = f"{gcs_dir}/out"
-    meta = pipeline.run(["--input", csv_path, "--output", out, "--form", "jpeg"])
+    meta = pipeline.run(["--input", csv_path, "--class_names_file", class_names, "--output", out, "--form", "jpeg"])
 
     body, records = read_dataset(out)
     assert sorted(records) == sorted([cat0, cat1, dog0, dog1, owl]), "uris as the objects are named"
     assert all(records[uri]["image"] == data for uri, data in {**images, **elsewhere}.items())
-    assert body["class_names"] == ["cat", "dog", "owl"] and body["input"]["num_rows"] == 8
+    assert body["class_names"] == ["owl", "dog", "cat"] and body["input"]["num_rows"] == 8
+    assert all(body["class_names"][r["label"]] == r["label_name"] for r in records.values())
     assert read_rejects(out) == {f"{gcs_dir}/lists/img/missing.jpg": "missing_file",
                                  f"{gcs_dir}/lists/img/notes.jpg": "not_an_image",
                                  f"{gcs_dir}/lists/img/truncated.jpg": "corrupt"}

@@ -179,7 +179,9 @@ def test_overwrite_replaces_a_dataset_on_gcs(gcs_dir):
     out = f"{gcs_dir}/out"
     pipeline.run(["--input", f"{gcs_dir}/in", "--output", out, "--form", "jpeg", "--min_shards", "2"])
     before = published(out)
-    assert "train-00001-of-00002.tfrecord" in before
+    old_shards = {s["file"] for split in json.loads(before[layout.METADATA_FILE])["splits"].values()
+                  for s in split["shards"]}
+    assert len(old_shards) >= 2 and old_shards <= set(before)
     with pytest.raises(publish.OutputNotEmptyError, match="--overwrite"):
         pipeline.run(["--input", f"{gcs_dir}/in", "--output", out, "--form", "pixels"])
     upload(f"{out}/notes.txt", b"mine")
@@ -189,9 +191,9 @@ def test_overwrite_replaces_a_dataset_on_gcs(gcs_dir):
     FileSystems.delete([f"{out}/notes.txt"])
 
     pipeline.run(["--input", f"{gcs_dir}/in", "--output", out, "--form", "pixels", "--image_size", "8", "--overwrite"])
-    body, records = read_dataset(out)  # only the new sidecar's shards: the old ones are gone
-    assert body["form"] == "pixels" and len(records) == 6
-    assert "train-00001-of-00002.tfrecord" not in list_objects(out)
+    body, records = read_dataset(out)  # the new sidecar's files and nothing else: old shards it does not list are gone
+    new_shards = {s["file"] for split in body["splits"].values() for s in split["shards"]}
+    assert body["form"] == "pixels" and len(records) == 6 and old_shards - new_shards
 
 
 def test_a_live_run_refuses_a_second_and_its_kill_leaves_the_old_dataset(gcs_dir):

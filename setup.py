@@ -75,7 +75,12 @@ SAMPLE = ["scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"]
 # Benchmarks only: peers measured against, and their load generators. Never imported at run time.
 BENCH = SAMPLE + ["httpx>=0.27,<1", "psutil>=5.9,<8"]  # psutil: the processes' CPU and memory
 
-TEST = ["pytest>=8,<10", "httpx>=0.27,<1", "psutil>=5.9,<8"]
+TEST = [
+    "pytest>=8,<10",
+    "httpx>=0.27,<1",
+    "psutil>=5.9,<8",
+    "gcp-storage-emulator>=2026.7.19,<2027",  # a local Cloud Storage for the gs:// ETL tests (tests/gcs_emulator.py)
+]
 
 EXTRAS = {
     "etl": ETL,

@@ -100,11 +100,23 @@ def _is_file(path: str) -> bool:
 
 
 def resolve_path(path: str, csv_dir: str) -> str:
-    """A relative path in a CSV is relative to the CSV's folder; URIs and absolute paths stay."""
+    """A relative path in a CSV is relative to the CSV's folder, with "." and ".." resolved on every
+    file system; URIs and absolute paths stay."""
     if is_remote(path) or path.startswith("/"):
         return path
     if is_remote(csv_dir):
-        return csv_dir.rstrip("/") + "/" + path
+        # An object store takes "." and ".." as parts of a name ("gs://b/l/./x.jpg" is no object).
+        # Only those go: "a//b" may name an object, where normpath would make it "a/b".
+        scheme, _, rest = csv_dir.partition("://")
+        bucket, _, folder = rest.rstrip("/").partition("/")
+        parts = folder.split("/") if folder else []
+        for part in path.split("/"):
+            if part == "..":
+                if parts:
+                    parts.pop()
+            elif part != ".":
+                parts.append(part)
+        return f"{scheme}://{bucket}/" + "/".join(parts)
     return posixpath.normpath(posixpath.join(csv_dir, path))
 
 

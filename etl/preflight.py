@@ -7,6 +7,7 @@ refusal answers in well under 2 s instead of after ~7 s of imports.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from typing import Sequence
 
@@ -26,13 +27,13 @@ class CheckedRun:
 
 def check_run(argv: Sequence[str]) -> CheckedRun:
     """Parses the flags (a bad one exits 2, as argparse does) and raises EtlError for a class names
-    file that cannot be used, a local --input that does not exist, an --output inside a class-folder
+    file that cannot be used, an --input that does not exist, an --output inside a class-folder
     --input, or an --output that cannot take the dataset (publish.OutputNotEmptyError; checked again
     when the run claims it). Beam's flags are checked last: that loads Beam (~1.2 s), and `make etl`
     always passes some."""
     config, beam_args = parse_etl_args(argv, check_beam_flags=False)
     class_names = read_class_names_file(config.class_names_file) if config.class_names_file else None
-    if not is_remote(config.input) and not os.path.exists(config.input):
+    if not _exists(config.input):
         raise EtlError(f"--input {config.input} does not exist (a CSV of path,label rows, or a folder of "
                        "class sub-folders)")
     folder_input = is_folder_input(config.input)
@@ -45,6 +46,16 @@ def check_run(argv: Sequence[str]) -> CheckedRun:
     publish.check_output(config.output, config.overwrite)
     refuse_unknown_beam_flags(beam_args)
     return CheckedRun(config, beam_args, class_names, folder_input)
+
+
+def _exists(path: str) -> bool:
+    """A file or folder; on an object store an object, or a prefix with objects under it."""
+    if not is_remote(path):
+        return os.path.exists(path)
+    from apache_beam.io.filesystems import FileSystems
+
+    under = glob.escape(path.rstrip("/")) + "/**"
+    return FileSystems.exists(path) or bool(FileSystems.match([under], limits=[1])[0].metadata_list)
 
 
 def is_folder_input(path: str) -> bool:

@@ -69,7 +69,8 @@ def _list_entries(folder: str) -> list[str]:
         return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     prefix = folder.rstrip("/") + "/"
     matches = beam_filesystems().match([prefix + "**"])[0].metadata_list
-    return sorted({m.path[len(prefix):].split("/", 1)[0] for m in matches})
+    # "": the folder's own placeholder (the Cloud Console's "Create folder" makes an empty "<folder>/").
+    return sorted({m.path[len(prefix):].split("/", 1)[0] for m in matches} - {""})
 
 
 def _delete(paths: list[str]) -> None:

@@ -75,6 +75,20 @@ def test_a_batch_is_each_image_preprocessed_alone_in_order():
     assert batch_fn(tf.constant([], tf.string)).shape == (0, 16, 12, 3)
 
 
+@pytest.mark.parametrize("count,size,target", [(16, (5, 7), (448, 448)), (2, (300, 400), (448, 448)),
+                                               (256, (11, 13), (97, 131))])
+def test_enlarging_skips_the_clip_and_gives_the_clipped_pixels_bit_for_bit(count, size, target):
+    # resize_image leaves out tf.clip_by_value when enlarging, so a bilinear mix of float32 values in
+    # [0, 1] must round into [0, 1]. The likeliest to round above 1.0: white beside dark, many weights.
+    rng = np.random.default_rng(0)
+    pixels = np.where(rng.random((count, *size, 3)) < 0.5, 255, rng.integers(0, 128, (count, *size, 3))).astype(np.uint8)
+    raw = tf.image.resize(tf.image.convert_image_dtype(pixels, tf.float32), target, method=preprocess.RESIZE_METHOD,
+                          antialias=preprocess.RESIZE_ANTIALIAS).numpy()
+    assert raw.min() >= 0.0 and raw.max() <= 1.0 and not np.signbit(raw).any()
+    got = preprocess.resize_image(tf.constant(pixels), *target).numpy()
+    np.testing.assert_array_equal(got, np.clip(raw, 0.0, 1.0))
+
+
 def test_resize_image_refuses_an_already_scaled_image():
     # A float image in [0, 1] would be divided by 255 a second time and come out almost black.
     with pytest.raises(TypeError, match="uint8.*float32"):

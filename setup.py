@@ -73,7 +73,13 @@ CLOUD = TRAINING + [
 SAMPLE = ["scikit-learn>=1.4,<2", "scikit-image>=0.22,<1"]
 
 # Benchmarks only: peers measured against, and their load generators. Never imported at run time.
-BENCH = SAMPLE + ["httpx>=0.27,<1", "psutil>=5.9,<8"]  # psutil: the processes' CPU and memory
+BENCH = SAMPLE + [
+    "httpx>=0.27,<1",
+    "psutil>=5.9,<8",  # the processes' CPU and memory
+    # trainer.bench_ingest's peer row; 4.9.10 installs beside TF 2.21 and protobuf 6 and builds offline.
+    "tensorflow-datasets>=4.9.9,<5",
+    "importlib-resources>=6,<8",  # TFDS imports it but requires it only below Python 3.9 (tensorflow/datasets#11212)
+]
 
 TEST = [
     "pytest>=8,<10",

@@ -1,19 +1,24 @@
 """`python -m trainer.bench_ingest --data DIR`: the book's tables 7-1 to 7-4 on your own records.
 
 Each input pipeline is timed (process CPU seconds, all threads, and wall seconds; the loop as
-the fastest of --repeats runs) twice: looping
-through the data with a little math per batch (the book's lightweight way to tune the I/O part),
-and training a linear model on it. Rows, as in the book: plain; parallel map; interleave;
-interleave + parallel map; + cache; + cache + prefetch; then the trainer's own pipeline
-(trainer.ingest: batched parsing, parallel decode, prefetch) at batch sizes 1/8/16/32; and the
-decode+resize limit: the same decode and resize on JPEG bytes already in memory, all cores.
-Book figures (its machine): plain 7.99 s wall, interleave + parallel map 5.23 s (1.53x).
+the fastest of --repeats runs, the rows taking turns) twice: looping through the data with a
+little math per batch (the book's lightweight way to tune the I/O part), and training a linear
+model on it. Rows, as in the book: plain; parallel map; interleave; interleave + parallel map;
++ cache; + cache + prefetch; then the trainer's own pipeline (trainer.ingest: batched parsing,
+parallel decode, prefetch) at batch sizes 1/8/16/32. For the jpeg form, the peer: the same
+images as a TensorFlow Datasets dataset read with TFDS's reader and decoder (trainer.bench_tfds;
+`pip install '.[bench]'`); and the limit: decode+resize alone on JPEG bytes already in memory,
+on all cores, with each decoder and resize TF offers (some give other pixels), the fastest
+being the limit. Book figures (its machine): plain 7.99 s wall, interleave + parallel map 5.23 s (1.53x).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -22,20 +27,28 @@ import tensorflow as tf
 import tf_keras as keras
 
 from shared import preprocess, schema
-from trainer import ingest
+from trainer import bench_tfds, ingest
 
 AUTOTUNE = tf.data.AUTOTUNE
 GOAL_SPEEDUP = 1.8  # trainer pipeline vs plain, jpeg form, 2 cores
-GOAL_FRACTION_OF_LIMIT = 0.85  # trainer pipeline throughput vs the decode+resize limit
+GOAL_VS_TFDS = 1.15  # trainer pipeline vs TFDS's reader and decoder on the same images
+GOAL_FRACTION_OF_LIMIT = 0.90  # trainer pipeline throughput vs the fastest decode+resize in memory
+LIMIT_PREFIX = "limit: "
+TFDS_ROW = "TFDS: its reader + decoder, then resize_image"
 
 
 @dataclasses.dataclass
 class Row:
     name: str
+    images: int = 0  # per loop measurement
     loop_cpu: float = float("nan")
     loop_wall: float = float("nan")
     train_cpu: float = float("nan")
     train_wall: float = float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.loop_wall
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -44,20 +57,22 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def loop_through_dataset(ds: tf.data.Dataset, epochs: int) -> float:
-    """The book's loop: a mean over values above a random threshold, so every batch is produced and used.
+def loop_through_dataset(ds: tf.data.Dataset, epochs: int) -> int:
+    """The book's loop: a mean over values above a random threshold, so every batch is produced and
+    used; returns the number of examples seen.
 
-    On every 4th row and column only: at 448 px the book's full-image tf.where costs more than
-    decoding the batch (measured: 9.9 s of loop vs 4.5 s of training on the same input), which
-    would hide the ingest differences the loop is there to show.
+    On each image's first row only: on every 4th row and column it took 0.69 ms of CPU per 448 px
+    image, half of what the trainer's pipeline spends making it, and on 2 cores the loop then held
+    back the pipelines it is there to compare.
     """
-    lowest = 1.0
+    seen = 0
     for _ in range(epochs):
         threshold = float(np.random.uniform(0.3, 0.7))
         for x, _ in ds:
-            sample = x[:, ::4, ::4, :] if x.shape.rank == 4 else x
-            lowest = min(lowest, float(tf.reduce_mean(tf.where(sample > threshold, sample, 0.0))))
-    return lowest
+            sample = x[:, 0] if x.shape.rank == 4 else x
+            float(tf.reduce_mean(tf.where(sample > threshold, sample, 0.0)))
+            seen += int(x.shape[0])
+    return seen
 
 
 def train_linear_model(ds: tf.data.Dataset, epochs: int, x_shape: tuple[int, ...], num_classes: int) -> None:
@@ -96,11 +111,36 @@ def make_book_dataset(meta, files: list[str], input_size: int | None, batch_size
     return ds.prefetch(AUTOTUNE) if prefetch else ds
 
 
-def make_limit_dataset(meta, files: list[str], input_size: int | None, batch_size: int) -> tf.data.Dataset:
-    """Decode+resize only: payloads already in memory (no reading, no parsing), decoded with the
-    shared function in a parallel map on every core, then batched. The trainer pipeline's share
-    of this throughput is what reading and parsing cost it."""
+def _resize(decode):
+    return lambda image_bytes, size: preprocess.resize_image(decode(image_bytes), size, size)
+
+
+def _decode_whole_crop(image_bytes):
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    return tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([0, 0, shape[0], shape[1]]), channels=3)
+
+
+# name -> (JPEG bytes, side) -> float32 image. Only the first two give the ETL's pixels.
+LIMIT_CANDIDATES: dict[str, Callable[[tf.Tensor, int], tf.Tensor]] = {
+    "preprocess_image": lambda image_bytes, size: preprocess.preprocess_image(image_bytes, size),
+    "decode_jpeg + resize_image": _resize(lambda b: tf.io.decode_jpeg(b, channels=3)),
+    "decode_jpeg INTEGER_FAST + resize_image": _resize(lambda b: tf.io.decode_jpeg(b, channels=3,
+                                                                                  dct_method="INTEGER_FAST")),
+    "decode_jpeg no fancy upscaling + resize_image": _resize(lambda b: tf.io.decode_jpeg(b, channels=3,
+                                                                                        fancy_upscaling=False)),
+    "decode_and_crop_jpeg (whole) + resize_image": _resize(_decode_whole_crop),
+    "decode_jpeg + uint8 resize, then scale": lambda image_bytes, size: tf.image.resize(
+        tf.io.decode_jpeg(image_bytes, channels=3), [size, size]) * (1.0 / 255.0),
+}
+
+
+def make_limit_dataset(meta, files: list[str], input_size: int | None, batch_size: int,
+                       prepare: Callable[[tf.Tensor, int], tf.Tensor] | None = None) -> tf.data.Dataset:
+    """Decode+resize only: payloads already in memory (no reading, no parsing), decoded with `prepare`
+    (default: the shared function) in a parallel map on every core, then batched. The trainer
+    pipeline's share of this throughput is what reading and parsing cost it."""
     payload = meta.payload.name
+    prepare = prepare or LIMIT_CANDIDATES["preprocess_image"]
     values, labels = [], []
     for batch in tf.data.TFRecordDataset(files).batch(256):
         parsed = schema.parse_batch(meta.features, batch)
@@ -108,8 +148,7 @@ def make_limit_dataset(meta, files: list[str], input_size: int | None, batch_siz
         labels.append(parsed["label"].numpy())
     ds = tf.data.Dataset.from_tensor_slices((np.concatenate(values), np.concatenate(labels)))
     if meta.form == "jpeg":
-        ds = ds.map(lambda b, y: (preprocess.preprocess_image(b, input_size), y), num_parallel_calls=AUTOTUNE,
-                    deterministic=False)
+        ds = ds.map(lambda b, y: (prepare(b, input_size), y), num_parallel_calls=AUTOTUNE, deterministic=False)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
@@ -123,7 +162,10 @@ def make_trainer_dataset(meta, data_dir: str, split: str, input_size: int | None
 
 def run_benchmark(data_dir: str, split: str = "train", batch_size: int = 32, image_size: int = 224,
                   crop_ratio: float = 0.5, epochs: int = 2, train: bool = True, log=print,
-                  repeats: int = 3) -> list[Row]:
+                  repeats: int = 3, tfds: bool = True) -> list[Row]:
+    """Every row's loop timed `repeats` times, the rows taking turns (so a busy spell of the machine
+    hits them alike), then each row's training, once. Of the limit rows only the fastest trains.
+    `tfds`: add the TensorFlow Datasets rows (jpeg form; needs tensorflow_datasets)."""
     meta = ingest.load_dataset_metadata(data_dir, (split,))
     files = meta.shard_paths(data_dir, split)
     input_size = ingest.input_image_size(meta, image_size, crop_ratio)
@@ -145,49 +187,88 @@ def run_benchmark(data_dir: str, split: str = "train", batch_size: int = 32, ima
     for b in (1, 8, 16, 32):
         variants.append((f"trainer pipeline, batch {b}",
                          lambda _, b=b: (make_trainer_dataset(meta, data_dir, split, input_size, b, epochs)[0], 1)))
-    variants.append(("decode+resize limit (in memory)",
-                     lambda b: (make_limit_dataset(meta, files, input_size, b), epochs)))
-
-    rows = []
-    for name, make in variants:
-        row = Row(name)
+    with contextlib.ExitStack() as stack:
+        if meta.form == "jpeg" and tfds:
+            variants += _tfds_variants(meta, data_dir, split, input_size, epochs,
+                                       stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tfds-")), log)
+        if meta.form == "jpeg":
+            for name, prepare in LIMIT_CANDIDATES.items():
+                variants.append((LIMIT_PREFIX + name, lambda b, prepare=prepare: (
+                    make_limit_dataset(meta, files, input_size, b, prepare), epochs)))
+        else:
+            variants.append((LIMIT_PREFIX + "payloads in memory",
+                             lambda b: (make_limit_dataset(meta, files, input_size, b), epochs)))
+        log(f"load average (1/5/15 min) at start: {_load()}")
+        rows = [Row(name) for name, _ in variants]
         for _ in range(repeats):  # the fastest of `repeats`: other processes only ever add time
-            ds, passes = make(batch_size)
-            cpu, wall = _timed(lambda: loop_through_dataset(ds, passes))
-            if not wall >= row.loop_wall:
-                row.loop_cpu, row.loop_wall = cpu, wall
-        if train:
-            ds, passes = make(batch_size)
-            row.train_cpu, row.train_wall = _timed(lambda: train_linear_model(ds, passes, x_shape, num_classes))
-        log(f"  {name:<34} loop {row.loop_wall:6.2f} s wall   train {row.train_wall:6.2f} s wall")
-        rows.append(row)
+            for row, (_, make) in zip(rows, variants):
+                ds, passes = make(batch_size)
+                images = []
+                cpu, wall = _timed(lambda: images.append(loop_through_dataset(ds, passes)))
+                if not wall >= row.loop_wall:
+                    row.images, row.loop_cpu, row.loop_wall = images[0], cpu, wall
+        fastest_limit = max((r for r in rows if r.name.startswith(LIMIT_PREFIX)), key=lambda r: r.images_per_s)
+        for row, (name, make) in zip(rows, variants):
+            if train and (not name.startswith(LIMIT_PREFIX) or row is fastest_limit):
+                ds, passes = make(batch_size)
+                row.train_cpu, row.train_wall = _timed(lambda: train_linear_model(ds, passes, x_shape, num_classes))
+            log(f"  {name:<52} loop {row.images_per_s:5.0f} images/s {row.loop_wall:5.2f} s wall   "
+                f"train {row.train_wall:6.2f} s wall")
+        log(f"load average (1/5/15 min) at end: {_load()}")
     return rows
 
 
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _tfds_variants(meta, data_dir: str, split: str, input_size: int, epochs: int, folder: str,
+                   log) -> list[tuple[str, Callable[[int], tuple[tf.data.Dataset, int]]]]:
+    """The TFDS rows: a copy in as many shards as the ETL wrote, read as the trainer reads (every
+    pass from disk); and TFDS's defaults, one shard, which it caches decoded after the first pass."""
+    files = meta.shard_paths(data_dir, split)
+    started = time.perf_counter()
+    same_shards = bench_tfds.build_tfds_copy(meta, data_dir, split, os.path.join(folder, "shards"), len(files))
+    one_shard = bench_tfds.build_tfds_copy(meta, data_dir, split, os.path.join(folder, "defaults"), None)
+    log(f"TFDS copies of {split} built in {time.perf_counter() - started:.1f} s under {folder}")
+
+    def make(builder, **kw):
+        return lambda b: (bench_tfds.make_tfds_dataset(builder, split, input_size, b, ingest.SHUFFLE_BATCHES * b,
+                                                       **kw), epochs)
+
+    return [(TFDS_ROW, make(same_shards)),
+            ("TFDS: its reader, then preprocess_image", make(same_shards, tfds_decodes=False)),
+            ("TFDS defaults: 1 shard, cached decoded", make(one_shard, autocache=True))]
+
+
 def format_table(rows: list[Row]) -> str:
-    lines = ["| pipeline | loop CPU s | loop wall s | train CPU s | train wall s |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| pipeline | loop images/s | loop CPU s | loop wall s | train CPU s | train wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r.name.strip()} | {r.loop_cpu:.2f} | {r.loop_wall:.2f} | {r.train_cpu:.2f} | {r.train_wall:.2f} |")
+        train = f"{r.train_cpu:.2f} | {r.train_wall:.2f}" if r.train_wall == r.train_wall else "- | -"
+        lines.append(f"| {r.name.strip()} | {r.images_per_s:.0f} | {r.loop_cpu:.2f} | {r.loop_wall:.2f} | {train} |")
     return "\n".join(lines)
 
 
-def summarise(rows: list[Row], batch_size: int) -> tuple[str, bool]:
-    """Speed-up of the trainer pipeline over plain, and its share of the decode+resize limit (loop wall)."""
+def summarise(rows: list[Row], batch_size: int) -> str:
+    """The trainer pipeline's throughput (loop images/s) against plain, TFDS and the decode+resize limit."""
     by_name = {r.name.strip(): r for r in rows}
-    tuned = by_name[f"trainer pipeline, batch {batch_size}"] if f"trainer pipeline, batch {batch_size}" in by_name \
-        else by_name["trainer pipeline, batch 32"]
-    plain, limit = by_name["plain"], by_name["decode+resize limit (in memory)"]
-    one_thread = by_name["plain, one thread"]
-    speedup = plain.loop_wall / tuned.loop_wall
-    fraction = limit.loop_wall / tuned.loop_wall
-    ok = speedup >= GOAL_SPEEDUP and fraction >= GOAL_FRACTION_OF_LIMIT
-    text = (f"trainer pipeline vs plain: {speedup:.2f}x (goal >= {GOAL_SPEEDUP}x; book: 1.53x); "
-            f"vs plain on one thread: {one_thread.loop_wall / tuned.loop_wall:.2f}x\n"
-            f"trainer pipeline vs decode+resize limit: {100 * fraction:.0f}% (goal >= {100 * GOAL_FRACTION_OF_LIMIT:.0f}%)\n"
-            f"plain vs decode+resize limit: {100 * limit.loop_wall / plain.loop_wall:.0f}% "
-            "(TF's ops can already spread one image over the cores; the closer to 100%, the less tf.data can win)")
-    return text, ok
+    tuned = by_name.get(f"trainer pipeline, batch {batch_size}", by_name["trainer pipeline, batch 32"])
+    plain, one_thread = by_name["plain"], by_name["plain, one thread"]
+    limit = max((r for r in rows if r.name.startswith(LIMIT_PREFIX)), key=lambda r: r.images_per_s)
+    limit_name = limit.name[len(LIMIT_PREFIX):]
+    lines = [f"trainer pipeline vs plain: {tuned.images_per_s / plain.images_per_s:.2f}x (goal >= {GOAL_SPEEDUP}x; "
+             f"book: 1.53x); vs plain on one thread: {tuned.images_per_s / one_thread.images_per_s:.2f}x"]
+    if TFDS_ROW in by_name:
+        lines.append(f"trainer pipeline vs TFDS (its reader + decoder, then the same resize): "
+                     f"{tuned.images_per_s / by_name[TFDS_ROW].images_per_s:.2f}x (goal >= {GOAL_VS_TFDS}x); "
+                     "vs TFDS defaults (one shard, decoded images cached after the first pass): "
+                     f"{tuned.images_per_s / by_name['TFDS defaults: 1 shard, cached decoded'].images_per_s:.2f}x")
+    lines.append(f"trainer pipeline vs decode+resize limit ({limit_name}, the fastest limit row): "
+                 f"{100 * tuned.images_per_s / limit.images_per_s:.0f}% (goal >= {100 * GOAL_FRACTION_OF_LIMIT:.0f}%)")
+    lines.append(f"plain vs decode+resize limit: {100 * plain.images_per_s / limit.images_per_s:.0f}% "
+                 "(TF's ops can already spread one image over the cores; the closer to 100%, the less tf.data can win)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="passes per measurement (cache pays off from the 2nd)")
     p.add_argument("--no_train", action="store_true", help="loop only; skip the linear-model column")
     p.add_argument("--repeats", type=int, default=3, help="loop timings keep the fastest of this many runs")
+    p.add_argument("--no_tfds", action="store_true", help="skip the TensorFlow Datasets rows")
     args = p.parse_args(argv)
+    if not args.no_tfds and not bench_tfds.tfds_available():
+        p.error("the TFDS rows need tensorflow-datasets: pip install '.[bench]', or pass --no_tfds")
     rows = run_benchmark(args.data, args.split, args.batch_size, args.image_size, args.crop_ratio, args.epochs,
-                         train=not args.no_train, log=lambda s: print(s, file=sys.stderr), repeats=args.repeats)
+                         train=not args.no_train, log=lambda s: print(s, file=sys.stderr), repeats=args.repeats,
+                         tfds=not args.no_tfds)
     print(format_table(rows))
-    text, ok = summarise(rows, args.batch_size)
-    print(text)
+    print(summarise(rows, args.batch_size))
+    print(f"load average (1/5/15 min) after the run: {_load()}")
     return 0
 
 

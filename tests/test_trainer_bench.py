@@ -7,8 +7,11 @@ other tests.
 """
 import math
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
+from shared import preprocess
 from tests import trainer_fixtures as fx
 from trainer import bench_ingest, bench_tfds
 
@@ -44,3 +47,13 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
     text = bench_ingest.summarise(rows, 4)
     assert "vs plain" in text and f"decode+resize limit ({fastest_limit.name[len('limit: '):]}," in text
     assert ("vs TFDS" in text) == with_tfds
+
+
+def test_limit_rows_say_which_give_the_etls_pixels(tmp_path):
+    # The limit rows are named for whether they decode as the ETL does: those not marked "(other
+    # pixels)" must give preprocess_image's pixels bit for bit (TF's default dct_method is INTEGER_FAST).
+    images = [tf.constant(open(path, "rb").read()) for path, _ in fx.make_image_files(str(tmp_path), per_class=2)]
+    want = [preprocess.preprocess_image(b, 64).numpy() for b in images]
+    for name, prepare in bench_ingest.LIMIT_CANDIDATES.items():
+        same = [np.array_equal(prepare(b, 64).numpy(), w) for b, w in zip(images, want)]
+        assert all(same) if "(other pixels)" not in name else not all(same), name

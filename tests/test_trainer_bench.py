@@ -36,7 +36,7 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
     train_count = meta.splits["train"].num_examples
     fastest_limit = max(rows[-len(limits):], key=lambda r: r.images_per_s)
     for r in rows:
-        assert all(math.isfinite(v) and v > 0 for v in (r.loop_cpu, r.loop_wall)), r
+        assert all(math.isfinite(v) and v > 0 for v in (r.loop_cpu, r.loop_wall)) and r.least_loop_cpu == r.loop_cpu, r
         # One pass each; the trainer's pipeline repeats forever, so the bench takes whole batches of a pass.
         batch = int(r.name.rsplit(" ", 1)[1]) if r.name.startswith("trainer") else None
         assert r.images == (max(1, train_count // batch) * batch if batch else train_count), r
@@ -46,7 +46,7 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
     assert table.count("\n") == len(rows) + 1 and "| plain |" in table and "| - | - |" in table
     text = bench_ingest.summarise(rows, 4)
     assert "vs plain" in text and f"decode+resize limit ({fastest_limit.name[len('limit: '):]}," in text
-    assert ("vs TFDS" in text) == with_tfds
+    assert ("vs TFDS" in text) == with_tfds and "by CPU" in text
 
 
 def test_limit_rows_say_which_give_the_etls_pixels(tmp_path):

@@ -198,9 +198,9 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", default="once,staged",
                         help="for pixels and embeddings: written once, and/or staged and copied as jpeg is")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, here and in the runs
     from etl import fixed_size_shards  # Beam: not for `write_corpus` alone (make bench-ingest)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = tempfile.mkdtemp(prefix="bench-etl-")
     corpus, small = os.path.join(work, "corpus"), os.path.join(work, "small")
     paths = write_corpus(corpus, args.images)

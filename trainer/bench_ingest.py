@@ -274,7 +274,7 @@ def summarise(rows: list[Row], batch_size: int) -> str:
     if TFDS_ROW in by_name:
         tfds, cached = by_name[TFDS_ROW], by_name[TFDS_DEFAULTS_ROW]
         lines.append(f"trainer pipeline vs TFDS (its reader + decoder, then the same resize): "
-                     f"{tuned.images_per_s / tfds.images_per_s:.2f}x, by CPU {tfds.cpu_per_image / tuned.cpu_per_image:.2f}x "
+                     f"{tuned.images_per_s / tfds.images_per_s:.2f}x, by CPU {tfds.cpu_per_image / tuned.cpu_per_image:.2f}x"
                      f"; vs TFDS defaults (one shard, decoded images cached after the first "
                      f"pass): {tuned.images_per_s / cached.images_per_s:.2f}x, by CPU "
                      f"{cached.cpu_per_image / tuned.cpu_per_image:.2f}x")

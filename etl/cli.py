@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 
 from etl import preflight
 from etl.errors import EtlError
+from shared import native_log
 
 
 def configure_logging() -> None:
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checked = preflight.check_run(argv)
     except EtlError as e:
         refuse(e)
+    native_log.load_tensorflow()  # before Beam's threads start
     from etl import pipeline  # Beam
 
     try:

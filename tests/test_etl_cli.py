@@ -11,7 +11,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from etl import pipeline, progress
 from etl.options import parse_etl_args
+from shared import native_log
 from tests import image_factory
+from tests.test_native_log import NATIVE_START_UP_NOTES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -63,12 +65,14 @@ def test_a_run_logs_progress_while_it_works_and_a_summary_at_the_end(tmp_path, m
     assert re.fullmatch(r"  wall time: 0:00:\d\d, the first record written after \d+\.\d s", summary[2])
 
 
-def test_the_command_shows_the_projects_lines_not_beams(tmp_path, messy_csv):
+def test_the_command_shows_the_projects_lines_not_beams_or_tensorflows(tmp_path, messy_csv):
+    new_user = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", native_log.SHOW_ALL_ENV)}
     proc = subprocess.run([sys.executable, "-m", "etl", "--input", messy_csv, "--output", str(tmp_path / "out"),
                            "--form", "jpeg", "--progress_seconds", "0.2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=new_user)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Converting string literal type hint" not in proc.stderr
+    assert not [note for note in NATIVE_START_UP_NOTES if note in proc.stderr], proc.stderr[-3000:]
     assert not [line for line in proc.stderr.splitlines() if re.search(r" INFO (?!ETL |progress |Wrote |  )", line)]
     assert " INFO progress " in proc.stderr and " INFO   rejected: 4 (" in proc.stderr
     assert proc.stdout.startswith("etl: wrote train=")

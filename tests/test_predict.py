@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared import native_log
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, test_export  # noqa: F401
+from tests.test_native_log import NATIVE_START_UP_NOTES
 from trainer.serving import predict
 from trainer.serving.exported_model import load_exported_model
 
@@ -79,10 +81,11 @@ def test_batch_size_splits_the_calls(test_export, images):
 
 def test_cli_prints_a_json_line_per_file_writes_the_grid_and_fails_if_any_failed(test_export, images, tmp_path):
     grid = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", test_export, "--grid", str(grid), *images],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    new_user = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", native_log.SHOW_ALL_ENV)}
+    proc = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", test_export, "--grid", str(grid),
+                           *images], cwd=REPO, capture_output=True, text=True, timeout=120, env=new_user)
     assert proc.returncode == 1, proc.stderr
+    assert not [note for note in NATIVE_START_UP_NOTES if note in proc.stderr], proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["file"] for line in lines] == images
     for line in lines:

@@ -1,10 +1,12 @@
 """What `python -m trainer.train` prints: the project's lines, Keras's progress and warnings, not
-TensorFlow's per-checkpoint INFO lines ("Sharding callback duration", absl logging, at every save)."""
+TensorFlow's per-checkpoint INFO lines ("Sharding callback duration", absl logging, at every save)
+or its native start-up notes."""
 import os
 import subprocess
 import sys
 
 from tests import trainer_fixtures as fx
+from tests.test_native_log import NATIVE_START_UP_NOTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,5 +41,6 @@ def test_a_training_prints_the_projects_lines_and_warnings_without_tensorflows_i
                  "an absl warning after training"):
         assert line in shown.stderr, (line, shown.stderr[-3000:])
     assert "Sharding callback duration" not in shown.stderr, shown.stderr[-3000:]
+    assert not [note for note in NATIVE_START_UP_NOTES if note in shown.stderr], shown.stderr[-3000:]
     assert "an absl INFO line after training" not in shown.stderr
     assert shown.stderr.count("a tensorflow warning after training") == 1, shown.stderr[-3000:]  # not twice

@@ -13,10 +13,12 @@ import os
 import sys
 import time
 
+from shared import native_log
 from trainer import config as config_lib
 
 if __name__ == "__main__":  # --help and flag errors answer before TensorFlow loads (~5 s); main() parses again
     config_lib.parse_config()
+    native_log.load_tensorflow()
 
 import tensorflow as tf
 import tf_keras as keras

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Sequence
 
+from shared import native_log
 from trainer.serving.contract import CLASS_NAMES_FILE, DATASET_METADATA_FILE, SERVING_SIGNATURE, TRAIN_CONFIG_FILE
 from trainer.serving.export_folder import move_folder_into_place, remove_folder
 from trainer.serving.exported_model import ExportError, load_exported_model
@@ -88,6 +89,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="the export folder a training run wrote (runs/<run>/export)")
     p.add_argument("--output", required=True, help="a new folder for the copy (local or gs://)")
     args = p.parse_args(argv)
+    native_log.load_tensorflow()
     try:
         write_bytes_only_export(args.model, args.output)
     except ExportError as e:

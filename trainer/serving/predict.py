@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
-from shared import image_check
+from shared import image_check, native_log
 from shared.paths import is_remote
 from shared.untrusted_files import FileRefused, read_untrusted_file
 from trainer.serving.exported_model import (BatchDecodeError, ExportedModel, ExportError, load_exported_model,
@@ -191,7 +191,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.grid and grid_path_problem(args.grid):
         p.error(f"--grid {args.grid}: {grid_path_problem(args.grid)}")
 
-    import tensorflow as tf
+    tf = native_log.load_tensorflow()
 
     try:
         model = load_exported_model(args.model)

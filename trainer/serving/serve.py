@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-from shared import image_check
+from shared import image_check, native_log
 from trainer.serving.batching import BatchingOptions
 from trainer.serving.request_checks import ServingLimits
 from trainer.serving.resources import ConnectionLimits
@@ -142,6 +142,7 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envir
              model, args.model_name, host, port, limits, connections, batching or "batching off",
              "spin" if args.thread_spinning else "sleep")
 
+    native_log.load_tensorflow()
     import uvicorn
 
     from trainer.serving.app import VertexRoutes, make_app

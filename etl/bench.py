@@ -30,6 +30,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from shared import native_log
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Quality 88 puts these 300x400 crops at ~25 KB, a typical web photo of that size.
 QUALITY = 88
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", default="once,staged",
                         help="for pixels and embeddings: written once, and/or staged and copied as jpeg is")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, here and in the runs
+    native_log.load_tensorflow()  # also sets TF_CPP_MIN_LOG_LEVEL for the runs
     from etl import fixed_size_shards  # Beam: not for `write_corpus` alone (make bench-ingest)
 
     work = tempfile.mkdtemp(prefix="bench-etl-")

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from shared import native_log
+
 RESULT_PREFIX = "BENCH_STRATEGY_RESULT "
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
 TIMEOUT_SECONDS = 3600  # per row
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args, trainer_flags = make_arg_parser().parse_known_args(argv)
     trainer_argv = ["--data", args.data, "--job_dir", args.job_dir or "unused", *trainer_flags]
     if args.row:
+        native_log.load_tensorflow()
         result = run_row(args.row, args.logical_cpus, args.per_replica_batch, args.warmup_epochs, trainer_argv)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import config as config_lib
 
     config_lib.parse_config([*trainer_argv, "--batch_size", str(args.per_replica_batch)])  # bad flags fail here, once
-    import tensorflow as tf
+    tf = native_log.load_tensorflow()
 
     num_gpus = len(tf.config.list_physical_devices("GPU"))
     load_before = os.getloadavg()[0]

@@ -27,6 +27,12 @@ import time
 from typing import Callable
 
 import numpy as np
+
+from shared import native_log
+
+if __name__ == "__main__":
+    native_log.load_tensorflow()
+
 import tensorflow as tf
 import tf_keras as keras
 

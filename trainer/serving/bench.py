@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from shared import native_log
 from trainer.serving.bench_client import free_port, launch_server, make_server_post, wait_until_answering
 
 BATCH_SIZES = (1, 32)
@@ -342,6 +343,7 @@ def print_ratios(report: Report, caller_counts: Sequence[int], batch_timeout_mic
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    native_log.load_tensorflow()
     count = max(BATCH_SIZES)
     images = read_images(args.images, count) if args.images else make_synthetic_jpegs(count)
     print(f"images: {args.images or 'synthetic 320x240 JPEG'}, mean {sum(map(len, images)) / len(images) / 1024:.1f} KB; "

@@ -1,7 +1,6 @@
 """Strategies in real processes: mirrored over two logical CPUs; multi-worker with two local workers."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import tensorflow as tf
 
 from tests import trainer_fixtures as fx
 from trainer import run_folder, train
+from trainer.cloud.local_run import free_ports
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,16 +34,6 @@ def _env(**extra):
     return env
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_mirrored_over_two_logical_cpus(tmp_path, jpeg_dir, images):
     job = str(tmp_path / "run")
     argv = fx.trainer_argv(jpeg_dir, job, strategy="mirrored", model="dnn", crop_ratio=0.5, num_epochs=2, lrate=0.001)
@@ -65,7 +55,7 @@ def test_mirrored_over_two_logical_cpus(tmp_path, jpeg_dir, images):
 
 def test_multi_worker_two_local_workers_only_the_chief_exports(tmp_path, jpeg_dir):
     job = str(tmp_path / "run")
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     argv = fx.trainer_argv(jpeg_dir, job, strategy="multi_worker", model="dnn", crop_ratio=0.5, num_epochs=2,
                            lrate=0.001)

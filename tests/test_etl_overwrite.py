@@ -1,42 +1,20 @@
 """--overwrite: the folder holds one complete dataset at every instant, and a live run is never overrun."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from etl import pipeline, publish
 from shared import layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_a_kill_at_any_point_of_an_overwrite_leaves_one_complete_dataset(tmp_path):
     """`python -m tests.overwrite_kill_points` prints the same experiment as a table."""
-    proc = subprocess.run([sys.executable, "-m", "tests.overwrite_kill_points", "--json", "--work", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    from tests.overwrite_kill_points import format_table
+    from tests.overwrite_kill_points import assert_one_complete_dataset_throughout, format_table, run_in_subprocess
 
+    result = run_in_subprocess(str(tmp_path))
     print(format_table(result))  # the table for the issue's note: pytest -s shows it
-    points = result["points"]
-    names = [p["point"] for p in points]
-    for phase in ("create-staging#1", "write-shard#1", "move-shard#2", "commit-sidecar#1", "write-rejects#1",
-                  "delete-unlisted#2", "discard-staging#1"):
-        assert phase in names, names
-    commit = names.index("commit-sidecar#1")
-    for i, p in enumerate(points):
-        assert p["status"] == "killed", p
-        assert p["problems"] == [], p
-        assert p["sidecar"] == ("old" if i < commit else "new"), p
-        assert p["rerun"] == "ok, clean", p
-    guard = result["guard"]
-    assert guard["paused_at_pause_file"] and guard["staging_kept"], guard
-    assert guard["second_run"] == "failed" and "another ETL run is writing" in guard["second_error"], guard
-    assert guard["first_run_exit"] == 0 and guard["after"] == {"problems": [], "left": []}, guard
+    assert_one_complete_dataset_throughout(result)
 
 
 def _shard(out, split, index, count, generation, body=b"x"):

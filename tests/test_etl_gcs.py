@@ -23,7 +23,7 @@ from etl.errors import EtlError
 from etl.records import example_id_for, split_for
 from etl.tfrecord_io import read_framed_records
 from shared import layout, preprocess, schema
-from tests import gcs_emulator, image_factory
+from tests import gcs_emulator, image_factory, overwrite_kill_points
 from tests.gcs_emulator import download, list_objects, upload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,3 +226,11 @@ def test_a_live_run_refuses_a_second_and_its_kill_leaves_the_old_dataset(gcs_dir
     pipeline.run(["--input", f"{gcs_dir}/in", "--output", out, "--form", "pixels", "--image_size", "8", "--overwrite"])
     body, _ = read_dataset(out)  # the new dataset alone: no staging folder left
     assert body["form"] == "pixels"
+
+
+def test_a_kill_at_any_point_of_an_overwrite_on_gcs_leaves_one_complete_dataset(gcs_dir, tmp_path):
+    """tests/test_etl_overwrite.py's kill -9 experiment with --output on gs://, where a rename is a copy
+    and a delete per object, a folder is a prefix, and the sidecar commit is one object write."""
+    result = overwrite_kill_points.run_in_subprocess(str(tmp_path), output=f"{gcs_dir}/out")
+    print(overwrite_kill_points.format_table(result))  # pytest -s shows it
+    overwrite_kill_points.assert_one_complete_dataset_throughout(result)

@@ -41,6 +41,10 @@ THREAD_JOIN_SECONDS = 30  # a metadata fetch takes milliseconds; its own request
 # jpeg: its runs cost ~1.3 s of CPU against ~2.2 s for pixels (TensorFlow's tracing in each child), and
 # publishing, where the invariant is at stake, is the same for every form.
 FLAGS = ["--form", "jpeg", "--split", "100,0,0", "--min_shards", "2", "--overwrite"]
+# One point of each phase of a run: the tests assert each was killed (a renamed point would drop out
+# silently); enough where a full run of points costs too much.
+PHASES = ("create-staging#1", "write-shard#1", "move-shard#2", "commit-sidecar#1", "write-rejects#1",
+          "delete-unlisted#2", "discard-staging#1")
 
 
 def make_input(folder: str) -> str:
@@ -70,7 +74,9 @@ def files_under(folder: str) -> list[str]:
 
 def entries(folder: str) -> set[str]:
     """Names directly in `folder`; "" is the placeholder object of a folder made in the Cloud Console."""
-    return {path.split("/", 1)[0] for path in files_under(folder)} - {""} if is_remote(folder) else set(os.listdir(folder))
+    if not is_remote(folder):
+        return set(os.listdir(folder))
+    return {path.split("/", 1)[0] for path in files_under(folder)} - {""}
 
 
 def fork() -> int:
@@ -145,9 +151,10 @@ def describe(entries: list[str]) -> str:
     return ", ".join(parts + ([f"{rest} other"] if rest else [])) or "nothing else"
 
 
-def kill_points(work: str, out: str | None = None) -> dict:
+def kill_points(work: str, out: str | None = None, only: list[str] | None = None) -> dict:
     """Runs the whole experiment in `work`, with the dataset in `out` (default `work`/out; gs:// too:
-    it must not exist yet); returns {"points": [...rows], "guard": {...}}."""
+    it must not exist yet), killing at every point of the trace or at those in `only`; returns
+    {"trace": [...points], "points": [...rows], "guard": {...}}."""
     source = make_input(os.path.join(work, "in"))
     out = out or os.path.join(work, "out")
     argv = ["--input", source, "--output", out, *FLAGS]
@@ -157,8 +164,10 @@ def kill_points(work: str, out: str | None = None) -> dict:
     status, error = run_child(argv, {"ETL_STOP_TRACE": trace}, log)  # an --overwrite run, listing its points
     assert status == "ok", error
     points = open(trace).read().split()
+    missing = sorted(set(only or ()) - set(points))
+    assert not missing, f"points {missing} are not in the trace of a run: {points}"
     rows = []
-    for point in points:
+    for point in [p for p in points if only is None or p in only]:
         before, _ = check_folder(out)
         status, error = run_child(argv, {"ETL_STOP_AT": point}, log)
         listed, problems = check_folder(out)
@@ -171,7 +180,7 @@ def kill_points(work: str, out: str | None = None) -> dict:
         row["rerun"] = "ok, clean" if status == "ok" and not problems and not left else \
             f"{status} {error} {problems} left {left}"
         rows.append(row)
-    return {"points": rows, "guard": live_run_guard(argv, work, log)}
+    return {"trace": points, "points": rows, "guard": live_run_guard(argv, work, log)}
 
 
 def live_run_guard(argv: list[str], work: str, log: str) -> dict:
@@ -204,7 +213,9 @@ def live_run_guard(argv: list[str], work: str, log: str) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{len(result['points'])} kill points (SIGKILL at each; the trace of one full --overwrite run):", "",
+    killed, traced = len(result["points"]), len(result["trace"])
+    lines = [f"{killed if killed == traced else f'{killed} of {traced}'} kill points (SIGKILL at each; "
+             "the trace of one full --overwrite run):", "",
              "| kill point | process | sidecar after the kill | listed shards | also in the folder | rerun |",
              "|---|---|---|---|---|---|"]
     for r in result["points"]:
@@ -218,17 +229,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# One point of each phase of a run; the test asserts each was killed (a renamed point would drop out silently).
-PHASES = ("create-staging#1", "write-shard#1", "move-shard#2", "commit-sidecar#1", "write-rejects#1",
-          "delete-unlisted#2", "discard-staging#1")
-
-
-def run_in_subprocess(work: str, output: str | None = None, timeout: float = 900) -> dict:
+def run_in_subprocess(work: str, output: str | None = None, only: tuple[str, ...] = (),
+                      timeout: float = 900) -> dict:
     """The experiment in a fresh interpreter (forking needs a process without threads, which pytest's
     is not once a test ran a pipeline); the environment passes on, an emulator's included."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.overwrite_kill_points", "--json", "--work", work,
-                           *(["--output", output] if output else [])],
+    flags = ["--json", "--work", work, *(["--output", output] if output else []),
+             *(["--points", ",".join(only)] if only else [])]
+    proc = subprocess.run([sys.executable, "-m", "tests.overwrite_kill_points", *flags],
                           cwd=root, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -261,6 +269,7 @@ def main(argv=None) -> None:
                         "(default: WORK/out); the environment must reach its file system")
     parser.add_argument("--gcs_emulator", action="store_true",
                         help="start a Cloud Storage emulator and write the dataset to gs:// in it")
+    parser.add_argument("--points", help="comma-separated kill points (default: every point of the trace)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON, not as a table")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
@@ -270,7 +279,7 @@ def main(argv=None) -> None:
         if args.gcs_emulator:  # set before the first fork, so that every child inherits it
             os.environ.update(stack.enter_context(gcs_emulator.running_emulator(work)))
             out = out or f"gs://{gcs_emulator.BUCKET}/kill-points"
-        result = kill_points(work, out)
+        result = kill_points(work, out, args.points.split(",") if args.points else None)
     print(json.dumps(result) if args.json else format_table(result))
 
 

@@ -169,22 +169,18 @@ def preprocess_image(image_bytes: tf.Tensor, height: int, width: int | None = No
     return resize_image(decode_image(image_bytes), height, width)
 
 
+_PARALLEL_IMAGES = 32  # images in flight: a server batch at once, for machines with more cores (here 32 ran
+# as fast as 4-16)
+
+
 def preprocess_batch(image_bytes: tf.Tensor, height: int, width: int | None = None) -> tf.Tensor:
     """A 1-D string tensor of encoded images -> float32 [n, height, width, 3], each through
     `preprocess_image`: the ETL's batches and the export's signature.
 
-    Several images go through a tf.data parallel map inside the graph, which uses every core
-    whatever the function holds: tf.map_fn ran its iterations one at a time once a stateful op
-    (an Assert under a raw If) was in them. One image skips tf.data, whose setup costs ~0.5 ms
-    of CPU a call (1.56 vs 1.10 ms for a 320x240 JPEG)."""
+    tf.map_fn with parallel iterations: on 32 320x240 JPEGs (2 cores, quiet) it took 10-25% less
+    CPU and wall time than a tf.data parallel map in the graph, at 28 and 224 px, with one caller
+    and with two."""
     width = height if width is None else width
-    count = tf.size(image_bytes, out_type=tf.int64)
-
-    def parallel_map():
-        images = tf.data.Dataset.from_tensor_slices(image_bytes).map(
-            lambda b: preprocess_image(b, height, width), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return images.batch(count).get_single_element()
-
-    return tf.case([(count > 1, parallel_map),
-                    (count == 1, lambda: preprocess_image(image_bytes[0], height, width)[tf.newaxis])],
-                   default=lambda: tf.zeros([0, height, width, 3], tf.float32))
+    return tf.map_fn(lambda b: preprocess_image(b, height, width), image_bytes,
+                     fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+                     parallel_iterations=_PARALLEL_IMAGES)

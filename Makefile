@@ -42,7 +42,9 @@ JOB_DIR ?= runs/$(FORM)
 STRATEGY ?= auto
 MODEL ?= dnn
 EPOCHS ?= 20
-TRAIN_FLAGS ?= $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--num_hidden 128 --crop_ratio 1.0 --with_flip false --with_color_distort false,)
+# The sample's own flags only when training on the sample's ETL output (not on a DATA given).
+ON_SAMPLE = $(and $(findstring $(SAMPLE_DIR),$(INPUT)),$(filter file,$(origin DATA)))
+TRAIN_FLAGS ?= $(if $(ON_SAMPLE),--num_hidden 128 --crop_ratio 1.0 --with_flip false --with_color_distort false,)
 
 # Serving the last `make train`: it writes its JOB_DIR to LAST_TRAIN, which `serve` and `bench-serve`
 # read unless JOB_DIR or EXPORT is given (`make demo` trains runs/demo, not runs/$(FORM)).
@@ -55,7 +57,7 @@ TRIALS ?= 8
 PARALLEL ?= 2
 SEARCH_SPACE ?=
 TUNE_DIR ?= runs/tune-$(FORM)
-TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(findstring $(SAMPLE_DIR),$(INPUT)),--with_flip false,)
+TUNE_FLAGS ?= --num_epochs 5 --image_size $(TRAIN_IMAGE_SIZE) $(if $(ON_SAMPLE),--with_flip false,)
 
 # Images (containers/, trainer.cloud.images): local names (imagepipe-train:VERSION) without PROJECT,
 # Artifact Registry addresses (REGION-docker.pkg.dev/PROJECT/IMAGE_REPO/...) with PROJECT and REGION,

@@ -53,6 +53,13 @@ def test_the_chapter_7_benches_run_on_data_as_train_does():
     assert "-m trainer.bench_ingest --data data/out/bench-jpeg" in dry_run("bench-ingest")
 
 
+def test_the_samples_training_flags_apply_to_the_samples_data_only():
+    for target in ("train", "bench-strategies"):
+        assert "--num_hidden 128 --crop_ratio 1.0 --with_flip false" in dry_run(target)
+        assert "--with_flip false" not in dry_run(target, "DATA=data/out/bench-jpeg")
+    assert "--with_flip false" in dry_run("tune") and "--with_flip false" not in dry_run("tune", "DATA=/d")
+
+
 def test_etl_passes_the_class_names_file_under_its_new_flag():
     assert "--class_names_file data/sample/digits/dict.txt" in dry_run("etl")
     assert "--class_names_file mine.txt" in dry_run("etl", "INPUT=x.csv", "LABELS=mine.txt")  # the old variable

@@ -40,7 +40,6 @@ TRAINING = [
 SERVING = [
     # A well-kept ASGI framework and server; starlette, not FastAPI on top of it (docs/serving.md).
     "starlette>=0.37,<2",
-    "anyio>=4,<5",
     "uvicorn>=0.29,<1",
     # uvicorn uses these when present (faster HTTP parsing and event loop).
     "httptools>=0.6,<1",

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from tests.image_factory import jpeg_with_claimed_size
 from tests.serving_fixtures import make_bomb_png_header, make_image_bytes, marker_path, test_export  # noqa: F401
 from trainer.serving.app import make_app, parse_server_timing, server_timing
+from trainer.serving.batching import BatchingOptions
 from trainer.serving.request_checks import ServingLimits
 
 SECRET = "SENTINEL-7f3c9b: must never leave the server"
@@ -388,9 +389,10 @@ def test_an_animated_gif_reaches_the_model_as_its_first_frame_only(client, direc
     assert_predictions_equal(r.json()["predictions"], direct([prepared]))
 
 
-def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_export, monkeypatch):
+@pytest.mark.parametrize("batching", ["off", "on"])
+def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_export, monkeypatch, batching):
     """Converting a TIFF decodes all of it (a 40 MP one holds 120 MB): six such requests at once
-    must convert at most MODEL_CALLS_IN_FLIGHT at a time, not one per worker thread (anyio has 40)."""
+    must convert at most MODEL_CALLS_IN_FLIGHT at a time, not one per request thread (WORKER_THREADS: 40)."""
     from shared import image_check
     from trainer.serving import app as serving_app
 
@@ -410,7 +412,7 @@ def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_exp
 
     monkeypatch.setattr(image_check, "to_rgb_image_bytes", slow_convert)
     monkeypatch.setattr(serving_app, "MODEL_CALLS_IN_FLIGHT", 2)
-    app = make_app(test_export, "model", ServingLimits(**LIMITS))
+    app = make_app(test_export, "model", ServingLimits(**LIMITS), batching=None if batching == "off" else BatchingOptions())
     body = {"instances": [{"b64": b64(make_image_bytes((250, 10, 10), "TIFF"))}]}
 
     async def six_at_once():
@@ -420,7 +422,10 @@ def test_formats_tf_cannot_read_are_decoded_only_inside_the_model_slots(test_exp
     responses = asyncio.run(six_at_once())
     assert [r.status_code for r in responses] == [200] * 6, responses[0].text
     assert {r.json()["predictions"][0]["class_name"] for r in responses} == {"red"}
-    assert peak[0] == 2, f"{peak[0]} conversions ran at once with 2 model slots"
+    if batching == "off":  # each request has a model slot of its own: both slots convert at once
+        assert peak[0] == 2, f"{peak[0]} conversions ran at once with 2 model slots"
+    else:  # the first request runs alone and the other five wait for it in one batch
+        assert peak[0] == 1, f"{peak[0]} conversions ran at once: the batches did not gather"
 
 
 def test_thread_spinning_is_switched_off_in_tensorflows_own_config_before_it_starts():

@@ -75,7 +75,7 @@ def test_a_full_batch_queue_answers_503_at_once(test_export, monkeypatch):
     monkeypatch.setattr(ExportedModel, "predict", blocked_predict)
     monkeypatch.setattr(serving_app, "MODEL_CALLS_IN_FLIGHT", 1)
     app = make_app(test_export, "model", ServingLimits(**LIMITS),
-                   batching=BatchingOptions(max_batch_size=1, max_enqueued_batches=1))
+                   batching=BatchingOptions(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1))
 
     async def three_requests():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as c:
@@ -116,3 +116,47 @@ def test_batches_close_when_full_or_over_their_pixels_and_a_failed_payload_fails
     assert [r[0] for r in results[:4]] == ["A", "B", "BIG", "C"] and results[5][0] == "D"
     assert isinstance(results[4], ValueError) and str(results[4]) == "bad is bad"
     assert results[0][1].images == 4 and results[3][1].images == 2
+
+
+def test_an_open_batch_fills_while_a_call_runs_and_only_full_batches_run_side_by_side():
+    """Two threads: a lone request runs at once; requests that come while it runs wait in the open
+    batch (TF Serving would start them on the free thread, in a smaller batch) until that batch is
+    full, which then runs beside the first; the rest run when a call ends."""
+    started, first_may_end = [], threading.Event()
+
+    def process(payloads):
+        started.append(list(payloads))
+        if payloads == ["a"]:
+            assert first_may_end.wait(30), "the test never released the first call"
+        return [p.upper() for p in payloads]
+
+    options = BatchingOptions(max_batch_size=3, batch_timeout_micros=0, num_batch_threads=2, max_enqueued_batches=8)
+
+    async def until(condition):
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out; batches started: {started}")
+
+    async def scenario():
+        batcher = Batcher(process, options)
+        jobs = [asyncio.create_task(batcher.submit("a", 1, 1))]
+        await until(lambda: len(started) == 1)
+        jobs += [asyncio.create_task(batcher.submit(p, 1, 1)) for p in "bc"]
+        await asyncio.sleep(0.2)  # a free thread, but the first call runs: b and c keep waiting
+        assert started == [["a"]]
+        jobs.append(asyncio.create_task(batcher.submit("d", 1, 1)))  # fills the batch: it runs beside "a"
+        await until(lambda: len(started) == 2)
+        assert started[1] == ["b", "c", "d"] and not first_may_end.is_set()
+        jobs.append(asyncio.create_task(batcher.submit("e", 1, 1)))
+        await until(lambda: all(job.done() for job in jobs[1:4]))
+        await asyncio.sleep(0.2)  # "b c d" ended, "a" still runs: "e" keeps waiting
+        assert started == [["a"], ["b", "c", "d"]]
+        first_may_end.set()
+        results = await asyncio.gather(*jobs)
+        batcher.close()
+        return [result for result, _ in results]
+
+    assert asyncio.run(scenario()) == ["A", "B", "C", "D", "E"]
+    assert started == [["a"], ["b", "c", "d"], ["e"]]

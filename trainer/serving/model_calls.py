@@ -54,9 +54,9 @@ def predict_requests(model: ExportedModel, requests: Sequence[CheckedRequest]) -
 
 
 def warm_up(model: ExportedModel) -> None:
-    """One prediction on a small generated JPEG when the server starts, through the threadpool as a
+    """One prediction on a small generated JPEG when the server starts, through the request threads as a
     request goes: TensorFlow's first call of a loaded signature optimizes its graph and sets up its
-    kernels, and anyio starts its worker thread; without it the first client pays for both (80 ms
+    kernels, and the pool starts its first thread; without it the first client pays for both (80 ms
     instead of ~3 ms on the digits export). TF Serving does the same with its warm-up records."""
     from PIL import Image
 

@@ -93,6 +93,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     b.add_argument("--max_enqueued_batches", type=int, default=batching.max_enqueued_batches,
                    help="batches that may wait for a model call; a request past them gets 503 at once "
                         "(default: %(default)s)")
+    b.add_argument("--num_batch_threads", type=int, default=batching.num_batch_threads,
+                   help=f"batched model calls in flight, at most one per core ({os.cpu_count() or 1} here) "
+                        f"(default: %(default)s)")
     c = p.add_argument_group("connections")
     c.add_argument("--max_connections", type=int, default=connections.max_connections,
                    help="open connections, and requests in progress; more get 503 (default: %(default)s)")
@@ -124,13 +127,16 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envir
     port = args.port if args.port is not None else vertex.http_port or DEFAULT_PORT
     if not math.isfinite(args.max_body_mb):
         parser.error(f"--max_body_mb {args.max_body_mb} is not a finite number of megabytes")
+    if args.enable_batching and not 0 < args.num_batch_threads <= (os.cpu_count() or 1):
+        parser.error(f"--num_batch_threads {args.num_batch_threads} must be 1 to {os.cpu_count() or 1}, the "
+                     f"cores here: each batched call may hold --max_request_pixels decoded, one per core at most")
     try:
         limits = ServingLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_instances=args.max_instances,
                                max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
                                allow_root=args.allow_root)
         batching = BatchingOptions(max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
                                    max_enqueued_batches=args.max_enqueued_batches,
-                                   max_batch_pixels=args.max_request_pixels) if args.enable_batching else None
+                                   num_batch_threads=args.num_batch_threads, max_batch_pixels=args.max_request_pixels) if args.enable_batching else None
         connections = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s,
                                        body_timeout_s=args.body_timeout_s,
                                        keep_alive_timeout_s=args.keep_alive_timeout_s)

@@ -257,3 +257,48 @@ def test_stalled_clients_are_dropped_after_their_timeouts(server):
     trickled, closed = results["oversized, trickled"]
     assert trickled.startswith(b"HTTP/1.1 413 ") and trickled.count(b"HTTP/1.1") == 1, trickled[:300]
     assert closed, "the rest of a body answered 413 trickled on for a minute"
+
+
+def test_a_response_written_in_two_parts_leaves_in_one_send_and_close_sends_it_first():
+    """uvicorn writes a response's head and body separately; the server's transport sends the writes of
+    one event-loop step together (one writev instead of two sends and two wake-ups of the client)."""
+    import asyncio
+
+    from trainer.serving.resources import OneWritePerStep
+
+    class Recording:
+        def __init__(self):
+            self.sends, self.closed = [], False
+
+        def writelines(self, parts):
+            self.sends.append(b"".join(parts))
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+    async def scenario():
+        raw = Recording()
+        transport = OneWritePerStep(raw, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        assert raw.sends == []  # nothing leaves before the step ends
+        await asyncio.sleep(0)
+        after_one_step = list(raw.sends)
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        transport.close()  # what is pending goes out before the close
+        sent_before_close = list(raw.sends)
+        transport.write(b"late")
+        await asyncio.sleep(0)
+        return after_one_step, sent_before_close, raw, transport
+
+    after_one_step, sent_before_close, raw, transport = asyncio.run(scenario())
+    assert after_one_step == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    assert sent_before_close[-1] == b"HTTP/1.1 408 Request Timeout\r\n\r\n" and raw.closed
+    assert raw.sends == sent_before_close  # nothing is sent on a closed transport
+    assert transport.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the wrapped transport's

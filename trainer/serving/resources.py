@@ -97,6 +97,35 @@ _HEAD_TOO_LARGE = _plain_response("431 Request Header Fields Too Large",
                                   f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
 
+class OneWritePerStep:
+    """A transport whose writes of one event-loop step leave in one send, at the end of that step.
+
+    uvicorn writes a response's head and its body separately, so each answer cost two sends, two TCP
+    segments and two wake-ups of the client; a Starlette response sends both in one step. Closing
+    sends what is pending first. Everything else is the wrapped transport's.
+    """
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._pending = transport, loop, []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.writelines(pending)  # uvloop: one writev
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with `limits` on connections and request heads (uvicorn.Config(http=...))."""
 
@@ -108,6 +137,7 @@ def make_protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self.transport = OneWritePerStep(transport, self.loop)  # the request cycles write through it
             if len(self.connections) > limits.max_connections:
                 log.warning("refused a connection: %d are open (--max_connections)", limits.max_connections)
                 transport.write(_UNAVAILABLE)

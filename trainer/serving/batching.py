@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 class BatchingOptions:
     """TF Serving's batching knobs (its names), plus the pixel budget of one call."""
     max_batch_size: int = 32  # images per model call
-    # 0, as TF Serving's guide suggests starting with on CPU: batches still fill while the threads are busy.
+    # 0, as TF Serving's guide suggests starting with on CPU: batches still fill while a call runs.
     batch_timeout_micros: int = 0
     # Batches waiting for a thread, the open one included. As many as the server's default connection
     # limit (every batch holds a request), so by default only that limit refuses; lower it to fail fast.

@@ -3,6 +3,7 @@
     python -m trainer.serve --model runs/r1/export [--host 127.0.0.1] [--port 8501] [--model_name model]
         [--allow_root DIR] [--max_body_mb 10] [--max_instances 64]
         [--enable_batching true] [--max_batch_size 32] [--batch_timeout_micros 0] [--max_enqueued_batches 64]
+        [--num_batch_threads <cores>]
         [--max_connections 64] [--header_timeout_s 10] [--body_timeout_s 60] [--keep_alive_timeout_s 5] [--access_log]
 
 then POST {"instances": [{"image_bytes": {"b64": "..."}}]} to /v1/models/model:predict.
@@ -88,8 +89,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
     b.add_argument("--max_batch_size", type=int, default=batching.max_batch_size,
                    help="most images per model call; a larger request is a call of its own (default: %(default)s)")
     b.add_argument("--batch_timeout_micros", type=int, default=batching.batch_timeout_micros,
-                   help="longest wait for more requests before a batch that is not full runs; 0: as soon as "
-                        "a model call is free (default: %(default)s)")
+                   help="least wait for more requests before a batch that is not full runs, once no model "
+                        "call is running; 0: as soon as none is (default: %(default)s)")
     b.add_argument("--max_enqueued_batches", type=int, default=batching.max_enqueued_batches,
                    help="batches that may wait for a model call; a request past them gets 503 at once "
                         "(default: %(default)s)")

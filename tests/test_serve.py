@@ -123,6 +123,10 @@ def test_status_and_metadata_follow_tf_serving(client):
     assert r.status_code == 404 and r.json() == {"error": "Not Found: GET /v2/models/model"}
     r = client.post("/v1/models/model", json={})
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed: POST /v1/models/model"}
+    # The predict routes come first; a GET of one still falls through to the status route, which finds
+    # no servable named "model:predict".
+    r = client.get("/v1/models/model:predict")
+    assert r.status_code == 404 and "Latest(model:predict)" in r.json()["error"]
 
 
 @pytest.mark.parametrize("form", ["image_bytes", "bare_b64"])

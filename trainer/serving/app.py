@@ -205,9 +205,13 @@ def tf_serving_routes(model: ExportedModel, model_name: str, predict) -> list[Ro
                              "metadata": {"signature_def": {"signature_def": signature_defs(model)}}})
 
     prefixes = ("/v1/models/{name}", "/v1/models/{name}/versions/{version}")  # the second names a version
-    return ([Route(prefix, status, methods=["GET"]) for prefix in prefixes]
-            + [Route(f"{prefix}/metadata", metadata, methods=["GET"]) for prefix in prefixes]
-            + [Route(f"{prefix}:predict", predict, methods=["POST"]) for prefix in prefixes])
+    # Predict first: Starlette tries routes in order, so every prediction would otherwise be matched
+    # against the four GET routes' patterns before its own (route matching was 8% of the event loop's
+    # time with 16 clients of single images). No path of one route is another's: a GET of ".../model:predict"
+    # still reaches the status route (as the servable "model:predict", which is not found).
+    return ([Route(f"{prefix}:predict", predict, methods=["POST"]) for prefix in prefixes]
+            + [Route(prefix, status, methods=["GET"]) for prefix in prefixes]
+            + [Route(f"{prefix}/metadata", metadata, methods=["GET"]) for prefix in prefixes])
 
 
 def vertex_routes(vertex: VertexRoutes, predict) -> list[Route]:

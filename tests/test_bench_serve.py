@@ -97,3 +97,15 @@ def test_load_generator_reads_a_response_split_anywhere_and_refuses_what_it_cann
     ours, _sender = _answering(b"SSH-2.0-OpenSSH_9.6\r\nContent-Length: 0\r\n\r\n")  # not an HTTP server
     with pytest.raises(ValueError, match="not an HTTP status line: 'SSH-2.0"):
         bench_client.read_response(ours)
+
+
+def test_the_servers_own_cpu_share_pairs_each_repeat_with_its_own_in_process_row():
+    # The VM is 50% slower in the second repeat for both rows, and in the third only while the server's
+    # row runs. Paired, the share is 10%, 10% and 65%: median 10%. The medians taken apart would mix
+    # a fast repeat of one row with a slow one of the other: 65%.
+    served, own = ("batching on", 32, 1), ("in-process", 32, 1)
+    runs = {served: [bench_serve.Rate(1, 0.4, 11.0), bench_serve.Rate(1, 0.4, 16.5), bench_serve.Rate(1, 0.4, 16.5)],
+            own: [bench_serve.Rate(1, 10.0, None), bench_serve.Rate(1, 15.0, None), bench_serve.Rate(1, 10.0, None)]}
+    report = bench_serve.Report(runs, repeats=3)
+    assert report.own_cpu_share(served, own) == pytest.approx(0.10)
+    assert report.median(served, "server_cpu_ms") / report.median(own, "here_cpu_ms") - 1 == pytest.approx(0.65)

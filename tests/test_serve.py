@@ -516,3 +516,14 @@ def test_a_body_limit_that_is_not_a_number_is_a_usage_error(test_export, value, 
         serve.run(["--model", test_export, "--max_body_mb", value])
     assert e.value.code == 2
     assert f"--max_body_mb {value} is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", str((os.cpu_count() or 1) + 1)])
+def test_batch_threads_beyond_the_cores_are_a_usage_error(test_export, value, capsys):
+    # Each batched call may hold a request's pixels decoded; the memory bound counts one per core.
+    from trainer.serving import serve
+
+    with pytest.raises(SystemExit) as e:
+        serve.run(["--model", test_export, "--num_batch_threads", value])
+    assert e.value.code == 2
+    assert f"--num_batch_threads {value} must be 1 to {os.cpu_count() or 1}" in capsys.readouterr().err

@@ -160,3 +160,9 @@ def test_an_open_batch_fills_while_a_call_runs_and_only_full_batches_run_side_by
 
     assert asyncio.run(scenario()) == ["A", "B", "C", "D", "E"]
     assert started == [["a"], ["b", "c", "d"], ["e"]]
+
+
+def test_more_batch_threads_than_model_slots_are_refused_by_the_app_too(test_export, monkeypatch):
+    monkeypatch.setattr(serving_app, "MODEL_CALLS_IN_FLIGHT", 1)
+    with pytest.raises(ValueError, match="num_batch_threads 2 is more than the 1 model calls"):
+        make_app(test_export, "model", ServingLimits(**LIMITS), batching=BatchingOptions(num_batch_threads=2))

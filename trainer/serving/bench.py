@@ -250,7 +250,7 @@ class Report:
     def own_cpu_share(self, served, own) -> float:
         """The server's own CPU per call as a share of the model's: the median over repeats of the
         server row's CPU per call over the in-process row's of the same repeat, minus 1. Paired like
-        every other ratio here; over five runs the medians of each side, taken apart, put it anywhere
+        every other ratio here; over four runs the medians of each side, taken apart, put it anywhere
         from 10% to 28%."""
         return statistics.median(s.server_cpu_ms / m.here_cpu_ms - 1 for s, m in zip(self.runs[served], self.runs[own]))
 

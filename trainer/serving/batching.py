@@ -9,7 +9,8 @@ filling, since that call already has every core (the export's tf.map_fn spreads 
 TensorFlow's thread pool). So with a timeout of 0 a lone request runs at once, and under load
 requests gather into one batch per call. With 16 clients of single images on 2 cores that served
 1,353-1,361 images/s, where starting an open batch on any free thread (TF Serving's rule) served
-1,020-1,083: two half-size batches side by side. At most `max_enqueued_batches` wait: a request
+1,020-1,083: two half-size batches side by side (measured as one batch thread against two, which
+is what the two rules come to with 16 clients). At most `max_enqueued_batches` wait: a request
 that would need one more is refused at once (QueueFull), never left to wait without bound.
 """
 from __future__ import annotations

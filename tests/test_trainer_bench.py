@@ -28,7 +28,7 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
     data = str(tmp_path / "jpeg")
     meta = fx.write_dataset(data, images, "jpeg", shards_per_split={"train": 2, "valid": 1, "test": 1})
     with_tfds = bench_tfds.tfds_available()  # the bench extra; `make bench-ingest` installs it
-    rows = bench_ingest.run_benchmark(data, batch_size=4, image_size=32, crop_ratio=0.5, epochs=1, log=lambda s: None,
+    rows = bench_ingest.run_benchmark(data, batch_size=4, image_size=32, crop_ratio=0.5, epochs=2, log=lambda s: None,
                                       repeats=1, tfds=with_tfds)
     limits = ["limit: " + name for name in bench_ingest.LIMIT_CANDIDATES]
     assert [r.name.strip() for r in rows] == BOOK_AND_TRAINER_ROWS + (TFDS_ROWS if with_tfds else []) + limits
@@ -36,9 +36,10 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
     fastest_limit = max(rows[-len(limits):], key=lambda r: r.images_per_s)
     for r in rows:
         assert all(math.isfinite(v) and v > 0 for v in (r.loop_cpu, r.loop_wall)) and r.least_loop_cpu == r.loop_cpu, r
-        # One pass each; the trainer's pipeline repeats forever, so the bench takes whole batches of a pass.
+        # Two passes each (in one pipeline or two); the trainer's pipeline repeats forever, so the bench
+        # takes whole batches of a pass.
         batch = int(r.name.rsplit(" ", 1)[1]) if r.name.startswith("trainer") else None
-        assert r.images == (max(1, train_count // batch) * batch if batch else train_count), r
+        assert r.images == 2 * (max(1, train_count // batch) * batch if batch else train_count), r
         trained = not r.name.startswith("limit: ") or r is fastest_limit
         assert all(math.isfinite(v) and v > 0 for v in (r.train_cpu, r.train_wall)) == trained, r
     table = bench_ingest.format_table(rows)

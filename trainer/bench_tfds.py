@@ -63,10 +63,12 @@ def build_tfds_copy(meta: metadata.DatasetMetadata, data_dir: str, split: str, f
 
 
 def make_tfds_dataset(builder, split: str, input_size: int, batch_size: int, shuffle_buffer: int, *,
-                      tfds_decodes: bool = True, autocache: bool = False) -> tf.data.Dataset:
-    """One pass of (x, label) batches read as a TFDS user would for training: files shuffled, examples
-    shuffled, then the project's resize (`tfds_decodes`: after TFDS's decoder) or the whole of
-    `shared.preprocess.preprocess_image` (on the bytes, TFDS's decoder skipped), batched, prefetched.
+                      tfds_decodes: bool = True, autocache: bool = False, passes: int = 1) -> tf.data.Dataset:
+    """`passes` over the split as (x, label) batches, read as a TFDS user would for training: files
+    shuffled, the split repeated, examples shuffled, then the project's resize (`tfds_decodes`: after
+    TFDS's decoder) or the whole of `shared.preprocess.preprocess_image` (on the bytes, TFDS's decoder
+    skipped), batched, prefetched. Repeated before the shuffle, as the trainer's records are: the
+    shuffle buffer fills once, not once a pass.
 
     `autocache`: TFDS's default, which keeps a dataset under 250 MiB in memory, decoded, after the
     first pass when it is read from one shard or in file order; the trainer decodes every pass.
@@ -82,5 +84,5 @@ def make_tfds_dataset(builder, split: str, input_size: int, batch_size: int, shu
     else:
         def prepare(image, label):
             return preprocess.preprocess_image(image, input_size), label
-    return (ds.shuffle(shuffle_buffer).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=False)
+    return (ds.repeat(passes).shuffle(shuffle_buffer).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=False)
             .batch(batch_size).prefetch(AUTOTUNE))

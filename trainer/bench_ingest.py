@@ -205,8 +205,8 @@ def run_benchmark(data_dir: str, split: str = "train", batch_size: int = 32, ima
                                        stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tfds-")), log)
         # The peer and the limits repeat their source, so that all passes run through one pipeline, as
         # the trainer's do (it repeats its files forever). A new iterator per pass refills TFDS's
-        # shuffle buffer of decoded images and restarts tf.data's tuning: at 4 passes that made TFDS
-        # look 1.69x slower than the trainer (median of 5 paired repeats), against 1.13x so.
+        # shuffle buffer of decoded images and restarts tf.data's tuning: TFDS took 10% longer per
+        # image so (2 passes, best of 7).
         if meta.form == "jpeg":
             for name, prepare in LIMIT_CANDIDATES.items():
                 variants.append((LIMIT_PREFIX + name, lambda b, prepare=prepare: (

@@ -61,6 +61,29 @@ def test_a_jpeg_decodes_as_before_the_graph_read_other_formats(mode, options):
                                   tf.io.decode_image(data, channels=3, expand_animations=False).numpy())
 
 
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0})])
+def test_a_jpeg_record_preprocesses_to_preprocess_images_pixels_bit_for_bit(mode, options):
+    """The trainer decodes the jpeg form's records without the format dispatch: same pixels, both
+    when shrinking (resize first) and enlarging (scale first), in eager mode and in a tf.data map."""
+    data = encode(Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode),
+                  "JPEG", **options)
+    for size in (16, 64):
+        want = preprocess.preprocess_image(tf.constant(data), size).numpy()
+        np.testing.assert_array_equal(preprocess.preprocess_jpeg_record(tf.constant(data), size).numpy(), want)
+        [mapped] = list(tf.data.Dataset.from_tensors(data).map(lambda b: preprocess.preprocess_jpeg_record(b, size)))
+        np.testing.assert_array_equal(mapped.numpy(), want)
+
+
+def test_a_jpeg_record_that_is_not_a_jpeg_is_refused_not_decoded_as_another_format():
+    # TF's decode_jpeg decodes PNG, GIF and BMP too; a jpeg-form record must be a JPEG.
+    png = encode(Image.new("RGB", (8, 6), (200, 10, 10)), "PNG")
+    assert preprocess.decode_image(tf.constant(png)).shape == (6, 8, 3)  # the dispatching decoder reads it
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG"):
+        preprocess.decode_jpeg_record(tf.constant(png))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG"):
+        list(tf.data.Dataset.from_tensors(png).map(lambda b: preprocess.preprocess_jpeg_record(b, 4)))
+
+
 def test_a_batch_is_each_image_preprocessed_alone_in_order():
     rng = np.random.default_rng(4)
     images = [encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), image_format)

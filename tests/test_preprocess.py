@@ -96,6 +96,22 @@ def test_a_batch_is_each_image_preprocessed_alone_in_order():
         np.testing.assert_array_equal(got, preprocess.preprocess_image(tf.constant(data), 16, 12).numpy())
     np.testing.assert_array_equal(batch_fn(tf.constant(images[2:3])).numpy(), batch[2:3])
     assert batch_fn(tf.constant([], tf.string)).shape == (0, 16, 12, 3)
+    # A batch of JPEGs only takes the branch without the per-image dispatch: the same pixels.
+    jpegs = [images[0]] + [encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "JPEG",
+                                  progressive=h > 20) for h, w in [(9, 31), (48, 64)]]
+    for got, data in zip(batch_fn(tf.constant(jpegs)).numpy(), jpegs):
+        np.testing.assert_array_equal(got, preprocess.preprocess_image(tf.constant(data), 16, 12).numpy())
+
+
+def test_a_batch_of_jpegs_decodes_each_without_the_dispatch_and_a_mixed_one_with_it(monkeypatch):
+    """Counts the per-image format dispatches that preprocess_batch builds into its graph: the JPEG-only
+    branch must not dispatch (that is its point), the mixed branch must (it reads PNG, WebP, BMP)."""
+    built = []
+    real = preprocess.decode_image
+    monkeypatch.setattr(preprocess, "decode_image", lambda b: built.append(1) or real(b))
+    tf.function(lambda b: preprocess.preprocess_batch(b, 8),
+                input_signature=[tf.TensorSpec([None], tf.string)]).get_concrete_function()
+    assert len(built) == 1  # the mixed branch's map_fn body; the JPEG branch's has none
 
 
 @pytest.mark.parametrize("count,size,target", [(16, (5, 7), (448, 448)), (2, (300, 400), (448, 448)),

@@ -220,6 +220,7 @@ def preprocess_batch(image_bytes: tf.Tensor, height: int, width: int | None = No
                                  parallel_iterations=_PARALLEL_IMAGES)
 
     # A batch of JPEGs, the usual one, skips the format dispatch per image (`decode_image`), whose
-    # idle branch costs ~150 us of CPU an image: the check is one op for the batch, and the branch
-    # not taken runs idle once per batch. Same decode_jpeg call, so the same pixels.
+    # idle branch runs for every image: the check is one op for the batch, and the branch not taken
+    # runs idle once per batch. Same decode_jpeg call, so the same pixels. 32 320x240 JPEGs at 224 px
+    # (best of 9, four runs): 0.826-0.893 ms of CPU an image, 0.877-0.918 with the dispatch.
     return tf.cond(tf.reduce_all(_is_jpeg(image_bytes)), each(_decode_jpeg), each(decode_image))

@@ -10,7 +10,8 @@ images as a TensorFlow Datasets dataset read with TFDS's reader and decoder (tra
 `pip install '.[bench]'`); and the limit: decode+resize alone on JPEG bytes already in memory,
 on all cores, with each decoder and resize TF offers (some give other pixels), the fastest
 being the limit. The peer and the limits run all passes through one pipeline, as the trainer's
-pipeline does; the book's rows start one per pass, as the book does. Book figures (its machine): plain 7.99 s wall, interleave + parallel map 5.23 s (1.53x).
+pipeline does; the book's rows start one iterator per pass, as the book's loop does. Book figures
+(its machine): plain 7.99 s wall, interleave + parallel map 5.23 s (1.53x).
 """
 from __future__ import annotations
 

@@ -32,6 +32,9 @@ def test_bench_measures_every_row_against_the_right_server_and_prints_what_it_re
     assert f"batching on gives {results['batching_gain']:.2f}x the images/s of batching off" in out
     assert results["batching_ceiling"] == pytest.approx(results["in-process_32_1"] / results["images_per_s_off_16"])
     assert f"{results['p50_added_ms_1']:+.2f} ms" in out
+    assert results["model_batching_gain"] == pytest.approx(results["in-process_32_1"] / results["in-process_1_1"], rel=1e-9)
+    assert (f"batch 32 takes {results['model_batching_cpu_gain']:.2f}x less CPU per image than batch 1 "
+            f"({results['model_batching_gain']:.2f}x the images/s)") in out
     assert f"{results['server_own_cpu_share_1']:.1%} of the model's" in out
     assert not re.search(r"\b(met|goal)\b", out, re.IGNORECASE)
     # The breakdown comes from the server's Server-Timing header, so it must agree with what the

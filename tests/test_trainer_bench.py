@@ -42,9 +42,21 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
         assert r.images == 2 * (max(1, train_count // batch) * batch if batch else train_count), r
         trained = not r.name.startswith("limit: ") or r is fastest_limit
         assert all(math.isfinite(v) and v > 0 for v in (r.train_cpu, r.train_wall)) == trained, r
+        # Measured on one thread: the summary's trainer row, TFDS, and the limits that decode as the ETL does.
+        # (batch 4 is not a trainer row, so the summary and the one-thread runs take batch 32.)
+        alone = (r.name == "trainer pipeline, batch 32" or r.name == TFDS_ROWS[0]
+                 or (r.name.startswith("limit: ") and "(other pixels)" not in r.name))
+        assert (math.isfinite(r.one_thread_cpu_per_image) and r.one_thread_cpu_per_image > 0) == alone, r
     table = bench_ingest.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| plain |" in table and "| - | - |" in table
+    assert table.count("\n") == len(rows) + 1 and "| plain |" in table and "| - | - | - |" in table
     text = bench_ingest.summarise(rows, 4)
+    trainer = next(r for r in rows if r.name == "trainer pipeline, batch 32")
+    line = next(line for line in table.splitlines() if line.startswith("| trainer pipeline, batch 32 |"))
+    assert line.endswith(f"| {trainer.one_thread_cpu_per_image * 1e6:,.0f} |"), line
+    least = min((r for r in rows if r.name.startswith("limit: ") and "(other pixels)" not in r.name),
+                key=lambda r: r.one_thread_cpu_per_image)
+    assert (f"CPU per image on one thread: trainer pipeline {trainer.one_thread_cpu_per_image * 1e6:,.0f} us; decode+resize "
+            f"alone as the ETL decodes ({least.name[len('limit: '):]}) {least.one_thread_cpu_per_image * 1e6:,.0f} us") in text
     assert "vs plain" in text and f"decode+resize limit ({fastest_limit.name[len('limit: '):]}," in text
     assert ("vs TFDS" in text) == with_tfds and "by CPU" in text
     if with_tfds:  # the ceiling counts only the rows that decode as the ETL does
@@ -53,6 +65,8 @@ def test_bench_prints_every_row_with_measured_times(tmp_path, capsys):
         fastest = max(same, key=lambda r: r.images_per_s)
         tfds = by_name["TFDS: its reader + decoder, then resize_image"]
         assert f"{fastest.images_per_s / tfds.images_per_s:.2f}x TFDS by wall ({fastest.name[len('limit: '):]})" in text
+        assert (f"the trainer at {tfds.one_thread_cpu_per_image / trainer.one_thread_cpu_per_image:.2f}x TFDS, and at "
+                f"most {tfds.one_thread_cpu_per_image / least.one_thread_cpu_per_image:.2f}x") in text
 
 
 def test_limit_rows_say_which_give_the_etls_pixels(tmp_path):

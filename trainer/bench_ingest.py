@@ -10,8 +10,10 @@ images as a TensorFlow Datasets dataset read with TFDS's reader and decoder (tra
 `pip install '.[bench]'`); and the limit: decode+resize alone on JPEG bytes already in memory,
 on all cores, with each decoder and resize TF offers (some give other pixels), the fastest
 being the limit. The peer and the limits run all passes through one pipeline, as the trainer's
-pipeline does; the book's rows start one iterator per pass, as the book's loop does. Book figures
-(its machine): plain 7.99 s wall, interleave + parallel map 5.23 s (1.53x).
+pipeline does; the book's rows start one iterator per pass, as the book's loop does. The trainer's
+row, TFDS and the limits that give the ETL's pixels are also run on one thread, for what an image
+costs each of them in CPU with no contention for the cores. Book figures (its machine): plain
+7.99 s wall, interleave + parallel map 5.23 s (1.53x).
 """
 from __future__ import annotations
 
@@ -38,9 +40,16 @@ from shared import preprocess, schema
 from trainer import bench_tfds, ingest
 
 AUTOTUNE = tf.data.AUTOTUNE
+TRAINER_BATCH_SIZES = (1, 8, 16, 32)
 LIMIT_PREFIX = "limit: "
 TFDS_ROW = "TFDS: its reader + decoder, then resize_image"
 TFDS_DEFAULTS_ROW = "TFDS defaults: 1 shard, cached decoded"
+OTHER_PIXELS = "(other pixels)"  # in the name of a limit row that does not give the ETL's pixels
+
+
+def _trainer_row(batch_size: int) -> str:
+    """The trainer row the summary compares: the one at --batch_size, else batch 32."""
+    return f"trainer pipeline, batch {batch_size if batch_size in TRAINER_BATCH_SIZES else 32}"
 
 
 @dataclasses.dataclass
@@ -52,6 +61,9 @@ class Row:
     loop_wall: float = float("nan")
     train_cpu: float = float("nan")
     train_wall: float = float("nan")
+    # CPU seconds per image on one thread (least of the repeats), measured for the trainer at the
+    # summary's batch size, TFDS and the limits that give the ETL's pixels; nan for the other rows.
+    one_thread_cpu_per_image: float = float("nan")
 
     @property
     def images_per_s(self) -> float:
@@ -115,11 +127,17 @@ def make_book_dataset(meta, files: list[str], input_size: int | None, batch_size
         ds = ds.cache()
     ds = ds.batch(batch_size)
     if one_thread:
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = 1
-        options.threading.max_intra_op_parallelism = 1
-        ds = ds.with_options(options)
+        ds = on_one_thread(ds)
     return ds.prefetch(AUTOTUNE) if prefetch else ds
+
+
+def on_one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` with all of its work on one thread: one tf.data thread, and no op splitting its work
+    over TF's intra-op threads (a resize to 448 px does)."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
 
 
 def _resize(decode):
@@ -137,11 +155,11 @@ LIMIT_CANDIDATES: dict[str, Callable[[tf.Tensor, int], tf.Tensor]] = {
     "preprocess_image": lambda image_bytes, size: preprocess.preprocess_image(image_bytes, size),
     "decode_jpeg + resize_image": _resize(lambda b: tf.io.decode_jpeg(b, channels=3)),
     "decode_and_crop_jpeg (whole) + resize_image": _resize(_decode_whole_crop),
-    "decode_jpeg INTEGER_ACCURATE + resize_image (other pixels)": _resize(
+    f"decode_jpeg INTEGER_ACCURATE + resize_image {OTHER_PIXELS}": _resize(
         lambda b: tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE")),
-    "decode_jpeg no fancy upscaling + resize_image (other pixels)": _resize(
+    f"decode_jpeg no fancy upscaling + resize_image {OTHER_PIXELS}": _resize(
         lambda b: tf.io.decode_jpeg(b, channels=3, fancy_upscaling=False)),
-    "decode_jpeg + uint8 resize, then scale (other pixels)": lambda image_bytes, size: tf.image.resize(
+    f"decode_jpeg + uint8 resize, then scale {OTHER_PIXELS}": lambda image_bytes, size: tf.image.resize(
         tf.io.decode_jpeg(image_bytes, channels=3), [size, size]) * (1.0 / 255.0),
 }
 
@@ -197,7 +215,7 @@ def run_benchmark(data_dir: str, split: str = "train", batch_size: int = 32, ima
                      ("  + cache", dict(interleave=True, parallel_map=True, cache=True)),
                      ("  + cache + prefetch", dict(interleave=True, parallel_map=True, cache=True, prefetch=True))]:
         variants.append((name, lambda b, kw=kw: (make_book_dataset(meta, files, input_size, b, **kw), epochs)))
-    for b in (1, 8, 16, 32):
+    for b in TRAINER_BATCH_SIZES:
         variants.append((f"trainer pipeline, batch {b}",
                          lambda _, b=b: (make_trainer_dataset(meta, data_dir, split, input_size, b, epochs)[0], 1)))
     with contextlib.ExitStack() as stack:
@@ -228,6 +246,19 @@ def run_benchmark(data_dir: str, split: str = "train", batch_size: int = 32, ima
                 if not wall >= row.loop_wall:
                     row.images, row.loop_cpu, row.loop_wall = images[0], cpu, wall
                 row.least_loop_cpu = min(row.least_loop_cpu, cpu)
+        # Then CPU per image on one thread, for the rows the summary sets side by side: what an image
+        # costs each pipeline, free of the contention for the cores and of the two modes (on this VM it
+        # moves by ~5% between runs, where the loop's wall time moves by 2x).
+        measured_alone = [(row, make) for row, (name, make) in zip(rows, variants)
+                          if name == _trainer_row(batch_size) or name == TFDS_ROW
+                          or (name.startswith(LIMIT_PREFIX) and OTHER_PIXELS not in name)]
+        for _ in range(repeats):
+            for row, make in measured_alone:
+                ds, passes = make(batch_size)
+                images = []
+                cpu, _ = _timed(lambda: images.append(loop_through_dataset(on_one_thread(ds), passes)))
+                if not row.one_thread_cpu_per_image <= cpu / images[0]:
+                    row.one_thread_cpu_per_image = cpu / images[0]
         fastest_limit = max((r for r in rows if r.name.startswith(LIMIT_PREFIX)), key=lambda r: r.images_per_s)
         for row, (name, make) in zip(rows, variants):
             if train and (not name.startswith(LIMIT_PREFIX) or row is fastest_limit):
@@ -263,11 +294,13 @@ def _tfds_variants(meta, data_dir: str, split: str, input_size: int, epochs: int
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = ["| pipeline | loop images/s | loop CPU s | loop wall s | train CPU s | train wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| pipeline | loop images/s | loop CPU s | loop wall s | train CPU s | train wall s "
+             "| CPU us per image, one thread |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         train = f"{r.train_cpu:.2f} | {r.train_wall:.2f}" if r.train_wall == r.train_wall else "- | -"
-        lines.append(f"| {r.name.strip()} | {r.images_per_s:.0f} | {r.loop_cpu:.2f} | {r.loop_wall:.2f} | {train} |")
+        alone = f"{r.one_thread_cpu_per_image * 1e6:,.0f}" if r.one_thread_cpu_per_image == r.one_thread_cpu_per_image else "-"
+        lines.append(f"| {r.name.strip()} | {r.images_per_s:.0f} | {r.loop_cpu:.2f} | {r.loop_wall:.2f} | {train} | {alone} |")
     return "\n".join(lines)
 
 
@@ -276,7 +309,7 @@ def summarise(rows: list[Row], batch_size: int) -> str:
     limit; for TFDS and the limit also by CPU (loop CPU seconds per image, all threads), which
     other processes on the machine disturb less than wall time."""
     by_name = {r.name.strip(): r for r in rows}
-    tuned = by_name.get(f"trainer pipeline, batch {batch_size}", by_name["trainer pipeline, batch 32"])
+    tuned = by_name[_trainer_row(batch_size)]
     plain, one_thread = by_name["plain"], by_name["plain, one thread"]
     limits = [r for r in rows if r.name.startswith(LIMIT_PREFIX)]
     limit = max(limits, key=lambda r: r.images_per_s)
@@ -296,7 +329,7 @@ def summarise(rows: list[Row], batch_size: int) -> str:
                      f"{cached.cpu_per_image / tuned.cpu_per_image:.2f}x")
         # The trainer must decode as the ETL and the export do, so its ceiling against TFDS is the
         # fastest and the leanest limit row that gives those pixels, with reading and parsing free.
-        same = [r for r in limits if "(other pixels)" not in r.name]
+        same = [r for r in limits if OTHER_PIXELS not in r.name]
         fastest_same, leanest_same = max(same, key=lambda r: r.images_per_s), min(same, key=lambda r: r.cpu_per_image)
         lines.append(f"ceiling against TFDS, decoding as the ETL does with reading and parsing free: "
                      f"{fastest_same.images_per_s / tfds.images_per_s:.2f}x TFDS by wall ({named(fastest_same)}), "
@@ -304,6 +337,20 @@ def summarise(rows: list[Row], batch_size: int) -> str:
     lines.append(f"trainer pipeline vs decode+resize limit ({named(limit)}, the fastest limit row): "
                  f"{100 * tuned.images_per_s / limit.images_per_s:.0f}%; by CPU, vs {named(leanest)}: "
                  f"{100 * leanest.cpu_per_image / tuned.cpu_per_image:.0f}%")
+    alone = [r for r in limits if r.one_thread_cpu_per_image == r.one_thread_cpu_per_image]  # not nan
+    if alone and tuned.one_thread_cpu_per_image == tuned.one_thread_cpu_per_image:
+        # Decode and resize are the same work in every row here, so CPU per image on one thread shows
+        # what the rest of each pipeline costs, free of the cores' contention (see run_benchmark).
+        least = min(alone, key=lambda r: r.one_thread_cpu_per_image)
+        trainer_us, least_us = tuned.one_thread_cpu_per_image * 1e6, least.one_thread_cpu_per_image * 1e6
+        line = (f"CPU per image on one thread: trainer pipeline {trainer_us:,.0f} us; decode+resize alone as the ETL "
+                f"decodes ({named(least)}) {least_us:,.0f} us, so reading, parsing and batching are "
+                f"{100 * (1 - least_us / trainer_us):.0f}% of the trainer's")
+        if TFDS_ROW in by_name and by_name[TFDS_ROW].one_thread_cpu_per_image == by_name[TFDS_ROW].one_thread_cpu_per_image:
+            tfds_us = by_name[TFDS_ROW].one_thread_cpu_per_image * 1e6
+            line += (f"; TFDS {tfds_us:,.0f} us: the trainer at {tfds_us / trainer_us:.2f}x TFDS, and at most "
+                     f"{tfds_us / least_us:.2f}x however little the rest cost")
+        lines.append(line)
     lines.append(f"plain vs decode+resize limit: {100 * plain.images_per_s / limit.images_per_s:.0f}% "
                  "(TF's ops can already spread one image over the cores; the closer to 100%, the less tf.data can win)")
     return "\n".join(lines)

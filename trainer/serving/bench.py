@@ -325,6 +325,18 @@ def print_ratios(report: Report, caller_counts: Sequence[int], batch_timeout_mic
     results.update(batching_ceiling=ceiling)
     print(f"\n{most} clients of single images: batching on gives {gain:.2f}x the images/s of batching off; "
           f"the model alone in-process at batch {big} gives {ceiling:.2f}x, what a server that cost nothing could")
+    callers = max(caller_counts)
+    one, batched = (IN_PROCESS, 1, callers), (IN_PROCESS, big, callers)
+    model_gain = report.paired(batched, one) * big
+    model_cpu_gain = statistics.median(a.here_cpu_ms / (b.here_cpu_ms / big)
+                                       for a, b in zip(report.runs[one], report.runs[batched]))
+    results.update(model_batching_gain=model_gain, model_batching_cpu_gain=model_cpu_gain)
+    # CPU per image with batching on and off is (w + model at batch 1) against (w + model at batch N
+    # / N), w the server's own work per request, so batching can divide it by no more than the model's
+    # own ratio, however cheap the server, unless w itself shrinks with batching.
+    print(f"the model alone in-process, {callers} caller(s): batch {big} takes {model_cpu_gain:.2f}x less CPU per "
+          f"image than batch 1 ({model_gain:.2f}x the images/s); batching divides a server's CPU per single-image "
+          f"request by less, unless it also cuts the server's own work per request")
     print(f"1 client of single images: p50 latency {results['p50_ms_on_1']:.2f} ms batching on "
           f"(--batch_timeout_micros: {timeout}), {results['p50_ms_off_1']:.2f} ms off: {p50_added:+.2f} ms")
     for callers in caller_counts:

@@ -344,7 +344,7 @@ def summarise(rows: list[Row], batch_size: int) -> str:
         least = min(alone, key=lambda r: r.one_thread_cpu_per_image)
         trainer_us, least_us = tuned.one_thread_cpu_per_image * 1e6, least.one_thread_cpu_per_image * 1e6
         line = (f"CPU per image on one thread: trainer pipeline {trainer_us:,.0f} us; decode+resize alone as the ETL "
-                f"decodes ({named(least)}) {least_us:,.0f} us, so reading, parsing and batching are "
+                f"decodes ({named(least)}) {least_us:,.0f} us, so the rest of its pipeline (reading, shuffling, parsing) is "
                 f"{100 * (1 - least_us / trainer_us):.0f}% of the trainer's")
         if TFDS_ROW in by_name and by_name[TFDS_ROW].one_thread_cpu_per_image == by_name[TFDS_ROW].one_thread_cpu_per_image:
             tfds_us = by_name[TFDS_ROW].one_thread_cpu_per_image * 1e6
